@@ -1,0 +1,199 @@
+"""Phi-3.5-vision image processing and prompt tokenization (SPEC §3, §4).
+
+Light on purpose: Ray Data actors import this module, so it never imports the model.
+
+`Phi3VImageProcessor` turns PIL images into HD crops; `Phi3VProcessor` splits a prompt on its
+`<|image_k|>` tags, tokenizes every chunk on its own (each starts with BOS) and puts image k's
+placeholder block — the value −k repeated tokens-per-image times — between the chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+CROP = 336
+GRID = 12  # merged feature grid per crop side: 336 / 14 / 2
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_NUM_CROPS = 16
+IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+
+# Special-token ids of the Phi-3.5-vision tokenizer (SPEC §4).
+BOS_ID = 1
+ENDOFTEXT_ID = 32000  # eos for generation and the pad id
+END_ID = 32007
+STOP_IDS = (ENDOFTEXT_ID, END_ID)
+
+
+def tokens_per_image(height: int, width: int) -> int:
+    """Feature tokens of one image whose padded HD size is height × width (SPEC §1.6)."""
+    h, w = height // CROP, width // CROP
+    return (h * w + 1) * GRID * GRID + 1 + (h + 1) * GRID
+
+
+def hd_scale(width: int, height: int, num_crops: int) -> int:
+    """Largest integer scale with scale · ceil(scale / ratio) ≤ num_crops, ratio = long / short side."""
+    ratio = width / height
+    scale = 1
+    while (scale + 1) * math.ceil((scale + 1) / ratio) <= num_crops:
+        scale += 1
+    return scale
+
+
+def check_num_crops(num_crops: int) -> int:
+    if not isinstance(num_crops, int) or not 1 <= num_crops <= MAX_NUM_CROPS:
+        raise ValueError(f"num_crops must be an integer in 1..{MAX_NUM_CROPS}, got {num_crops!r}")
+    return num_crops
+
+
+class Phi3VImageProcessor:
+    """PIL image → padded HD tensor → [global view, 336px crops…], zero-padded to num_crops + 1."""
+
+    def __init__(self, num_crops: int = MAX_NUM_CROPS):
+        self.num_crops = check_num_crops(num_crops)
+        self._mean = np.asarray(CLIP_MEAN, dtype=np.float32).reshape(3, 1, 1)
+        self._std = np.asarray(CLIP_STD, dtype=np.float32).reshape(3, 1, 1)
+
+    def hd_image(self, image: Image.Image) -> Image.Image:
+        """Resize and white-pad so both sides are multiples of 336 (steps 1–4 of SPEC §3)."""
+        image = image.convert("RGB")
+        transposed = image.width < image.height
+        if transposed:
+            image = image.transpose(Image.Transpose.TRANSPOSE)
+        width, height = image.size
+        scale = hd_scale(width, height, self.num_crops)
+        new_w = scale * CROP
+        new_h = int(new_w / (width / height))
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        target_h = math.ceil(new_h / CROP) * CROP
+        top = int((target_h - new_h) / 2)
+        padded = Image.new("RGB", (new_w, target_h), (255, 255, 255))
+        padded.paste(image, (0, top))
+        if transposed:
+            padded = padded.transpose(Image.Transpose.TRANSPOSE)
+        return padded
+
+    def preprocess_one(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
+        """One image → (pixel_values (num_crops+1, 3, 336, 336) float32, (H, W))."""
+        hd = self.hd_image(image)
+        x = np.asarray(hd, dtype=np.float32).transpose(2, 0, 1) / 255.0  # (3, H, W)
+        x = (x - self._mean) / self._std
+        _, height, width = x.shape
+        h, w = height // CROP, width // CROP
+        glb = F.interpolate(torch.from_numpy(x)[None], size=(CROP, CROP), mode="bicubic", align_corners=False)
+        crops = x.reshape(3, h, CROP, w, CROP).transpose(1, 3, 0, 2, 4).reshape(h * w, 3, CROP, CROP)  # row-major
+        out = np.zeros((self.num_crops + 1, 3, CROP, CROP), dtype=np.float32)
+        out[0] = glb[0].numpy()
+        out[1 : 1 + h * w] = crops
+        return out, (height, width)
+
+    def preprocess(self, images: Sequence[Image.Image], return_tensors: str = "np") -> dict:
+        """Images → pixel_values (n, num_crops+1, 3, 336, 336), image_sizes (n, 2), num_img_tokens [n]."""
+        pixels, sizes = [], []
+        for image in images:
+            p, size = self.preprocess_one(image)
+            pixels.append(p)
+            sizes.append(size)
+        if pixels:
+            pixel_values = np.stack(pixels)
+        else:
+            pixel_values = np.zeros((0, self.num_crops + 1, 3, CROP, CROP), dtype=np.float32)
+        image_sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+        out = {
+            "pixel_values": pixel_values,
+            "image_sizes": image_sizes,
+            "num_img_tokens": [tokens_per_image(h, w) for h, w in sizes],
+        }
+        if return_tensors == "pt":
+            out["pixel_values"] = torch.from_numpy(pixel_values)
+            out["image_sizes"] = torch.from_numpy(image_sizes)
+        return out
+
+    __call__ = preprocess
+
+
+def image_tags(text: str) -> list[int]:
+    """The k of every <|image_k|> tag, in order of appearance."""
+    return [int(k) for k in IMAGE_TAG.findall(text)]
+
+
+def check_tags(text: str, n_images: int, first: int = 1) -> list[int]:
+    """Tags must be distinct and exactly first..first+n_images-1; returns them in order of appearance."""
+    tags = image_tags(text)
+    expected = list(range(first, first + n_images))
+    if len(tags) != len(set(tags)):
+        raise ValueError(f"image tags repeat in the prompt: {tags}")
+    if sorted(tags) != expected:
+        raise ValueError(
+            f"image tags {sorted(tags)} do not match the {n_images} image(s) given: expected tags {expected}"
+        )
+    return tags
+
+
+@dataclass
+class Phi3VProcessor:
+    """Tokenizer + image processor, loaded from a checkpoint directory."""
+
+    tokenizer: object
+    image_processor: Phi3VImageProcessor
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, num_crops: int | None = None) -> "Phi3VProcessor":
+        from transformers import PreTrainedTokenizerFast
+
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{path}: no tokenizer.json (expected a Phi-3.5-vision checkpoint directory)")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+        if num_crops is None:
+            config_file = path / "preprocessor_config.json"
+            num_crops = json.loads(config_file.read_text()).get("num_crops", 4) if config_file.is_file() else 4
+        return cls(tokenizer=tokenizer, image_processor=Phi3VImageProcessor(num_crops=int(num_crops)))
+
+    def encode_text(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def tokenize_prompt(self, text: str, tokens_by_tag: dict[int, int]) -> list[int]:
+        """Per-chunk tokenization with BOS, −k placeholder blocks between chunks (SPEC §4)."""
+        chunks = IMAGE_TAG.split(text)  # [text, k, text, k, text, …]
+        ids = self.encode_text(chunks[0], add_special_tokens=True)
+        for i in range(1, len(chunks), 2):
+            k = int(chunks[i])
+            ids += [-k] * tokens_by_tag[k]
+            ids += self.encode_text(chunks[i + 1], add_special_tokens=True)
+        return ids
+
+    def __call__(self, text: str, images: Sequence[Image.Image] = (), return_tensors: str = "pt") -> dict:
+        """Tokenize one prompt with its images → input_ids (1, T), attention_mask, pixel_values, image_sizes."""
+        check_tags(text, len(images))
+        pixels = self.image_processor.preprocess(images)
+        tokens_by_tag = {k + 1: n for k, n in enumerate(pixels["num_img_tokens"])}
+        ids = self.tokenize_prompt(text, tokens_by_tag)
+        out = {
+            "input_ids": np.asarray([ids], dtype=np.int64),
+            "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+            "pixel_values": pixels["pixel_values"] if len(images) else None,
+            "image_sizes": pixels["image_sizes"] if len(images) else None,
+        }
+        if return_tensors == "pt":
+            out = {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in out.items()}
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated ids, cut at the first stop token."""
+        kept = []
+        for i in ids:
+            if int(i) in STOP_IDS:
+                break
+            kept.append(int(i))
+        return self.tokenizer.decode(kept, skip_special_tokens=True)
