@@ -15,4 +15,3 @@ run --mode full --precision bf16 --master-fp32 --micro-batch 4
 run --mode full --precision bf16 --micro-batch 4 --no-grad-ckpt
 run --mode frozen_vision --precision bf16 --micro-batch 4
 run --mode lora --precision bf16 --micro-batch 4 --lora-rank 64
-run --mode full --precision bf16 --micro-batch 8 --num-crops 4 --page 320 240 --text-tokens 2440
