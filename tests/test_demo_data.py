@@ -1,0 +1,81 @@
+"""The built-in demo dataset: valid records, the same bytes for the same seed, balanced answers."""
+
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from datasets_ray.demo import COLOURS, DIGITS, TASKS, make_demo_dataset
+from datasets_ray.schema import count_images, validate_file
+
+SMALL = dict(n_train=24, n_val=8, n_test=8)
+
+
+def snapshot(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_all_records_validate(tmp_path):
+    counts = make_demo_dataset(tmp_path, **SMALL)
+    assert counts == {"train": 24, "val": 8, "test": 8}
+    for split, n in counts.items():
+        good, n_bad = validate_file(tmp_path / f"{split}.jsonl", tmp_path / "images")
+        assert (len(good), n_bad) == (n, 0)
+        assert all(r["source"] == "demo" and r["task"] in TASKS for r in good)
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    make_demo_dataset(tmp_path / "a", **SMALL, seed=3)
+    make_demo_dataset(tmp_path / "b", **SMALL, seed=3)
+    make_demo_dataset(tmp_path / "c", **SMALL, seed=4)
+    a, b, c = snapshot(tmp_path / "a"), snapshot(tmp_path / "b"), snapshot(tmp_path / "c")
+    assert a == b
+    assert a.keys() == c.keys() and a != c
+
+
+def test_task_shapes(tmp_path):
+    make_demo_dataset(tmp_path, n_train=48, n_val=0, n_test=0)
+    good, _ = validate_file(tmp_path / "train.jsonl", tmp_path / "images")
+    by_task = {t: [r for r in good if r["task"] == t] for t in TASKS}
+    expected = {
+        "colour": (1, "What colour is the shape?", set(COLOURS)),
+        "same_colour": (2, "Do both images show the same colour? Answer yes or no.", {"yes", "no"}),
+        "motion": (8, "Which way does the square move? Answer left or right.", {"left", "right"}),
+        "digit": (1, "What digit is written?", set(DIGITS)),
+    }
+    for task, (n_images, question, answers) in expected.items():
+        records = by_task[task]
+        assert len(records) == 12
+        counts = Counter(r["conversations"][0]["assistant"] for r in records)
+        assert set(counts) == answers and len(set(counts.values())) == 1  # balanced
+        for r in records:
+            turn = r["conversations"][0]
+            assert count_images(r) == n_images
+            assert turn["user"].endswith("\n" + question)
+            assert turn["user"].startswith("".join(f"<|image_{k}|>" for k in range(1, n_images + 1)))
+        if task == "digit":
+            assert all(r["answers"] == [r["conversations"][0]["assistant"]] for r in records)
+
+
+def test_images_show_the_answer(tmp_path):
+    make_demo_dataset(tmp_path, n_train=8, n_val=0, n_test=0, tasks=["colour", "motion"])
+    good, _ = validate_file(tmp_path / "train.jsonl", tmp_path / "images")
+    for r in good:
+        turn = r["conversations"][0]
+        frames = [Image.open(tmp_path / "images" / p).convert("RGB") for p in turn["images"]]
+        assert all(f.width <= 160 and f.height <= 120 for f in frames)
+        if r["task"] == "colour":
+            # the most common non-background pixel is nearest to the answer's colour
+            pixels = [p for p in frames[0].getdata() if p != (235, 235, 235)]
+            top = Counter(pixels).most_common(1)[0][0]
+            nearest = min(COLOURS, key=lambda c: sum((a - b) ** 2 for a, b in zip(COLOURS[c], top)))
+            assert nearest == turn["assistant"]
+        else:
+            xs = [min(x for x in range(f.width) for y in range(f.height) if f.getpixel((x, y)) != (235, 235, 235))
+                  for f in frames]
+            assert xs == sorted(xs, reverse=turn["assistant"] == "left") and xs[0] != xs[-1]
+
+
+def test_unknown_task(tmp_path):
+    with pytest.raises(ValueError, match="unknown demo task"):
+        make_demo_dataset(tmp_path, n_train=1, n_val=0, n_test=0, tasks=["nope"])
