@@ -143,8 +143,11 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         labels=None,
         use_cache=None,
         logits_to_keep=0,
+        loss_only: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """loss_only=True (training): logits are computed only where a label is supervised, which
+        saves the (tokens × 32064) fp32 logit tensor; `logits` then holds just those rows."""
         if position_ids is None and attention_mask is not None:
             # Positions count real tokens only, so left-padded generation sees the same positions as unpadded.
             length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
@@ -160,6 +163,13 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             **kwargs,
         )
         hidden = outputs.last_hidden_state
+        cache = getattr(outputs, _CACHE_FIELD, None)
+        if loss_only and labels is not None:
+            shift_labels = labels[:, 1:].to(hidden.device)
+            supervised = shift_labels != IGNORE_INDEX
+            logits = self.lm_head(hidden[:, :-1][supervised]).float()  # (n_supervised, vocab)
+            loss = F.cross_entropy(logits, shift_labels[supervised])
+            return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden).float()  # (B, T, vocab); logits in fp32 as the reference does
@@ -167,7 +177,6 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
-        cache = getattr(outputs, _CACHE_FIELD, None)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
 

@@ -1,0 +1,102 @@
+"""`phi3v-ray`: train, eval, export, tune, submit, convert, tiny.
+
+    phi3v-ray train                                   # the embedded demo on a local Ray
+    phi3v-ray train --config docvqa mode=lora checkpoint=/models/Phi-3.5-vision-instruct ...
+    phi3v-ray eval checkpoint=runs/x/checkpoint_.../model val_file=... images_root=...
+    phi3v-ray export --run runs/phi3v-demo --out exported/
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def _train(args) -> int:
+    from .config import ConfigError, config_help, load_config
+    from .launch import run_training
+
+    if args.help_config:
+        print(config_help())
+        return 0
+    try:
+        cfg = load_config(args.config or ("demo" if not args.overrides or _only_run_keys(args.overrides) else None),
+                          args.overrides)
+        if args.command == "eval":
+            cfg = cfg.replace(eval_only=True)
+        run_training(cfg)
+    except ConfigError as err:
+        print(f"phi3v-ray: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _only_run_keys(overrides: list[str]) -> bool:
+    """Overrides that leave the demo meaningful (`phi3v-ray train epochs=2` still runs the demo)."""
+    data_keys = {"train_file", "val_file", "images_root", "checkpoint"}
+    return not any(item.partition("=")[0] in data_keys for item in overrides)
+
+
+def _export(args) -> int:
+    from .export import export
+
+    out = export(run=args.run, checkpoint=args.checkpoint, base=args.base, out=args.out)
+    print(f"exported to {out}")
+    return 0
+
+
+def _tiny(args) -> int:
+    from .tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(args.out, seed=args.seed, num_crops=args.num_crops)
+    print(f"wrote a tiny random Phi-3.5-vision checkpoint to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phi3v-ray", description="Fine-tune Phi-3.5-vision on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, text in (("train", "fine-tune (no arguments: the embedded demo)"), ("eval", "evaluate a checkpoint on val_file")):
+        p = sub.add_parser(name, help=text, description=text + ". Settings are key=value; see --help-config.")
+        p.add_argument("--config", help="preset name (demo, docvqa, hateful_memes, nlvr2, ucf101) or a YAML file")
+        p.add_argument("--help-config", action="store_true", help="list every setting with its default and meaning")
+        p.add_argument("overrides", nargs="*", metavar="key=value")
+        p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="write a run's final weights in the official layout (LoRA merged)")
+    p.add_argument("--run", help="a run directory (storage_path/name); its latest checkpoint is exported")
+    p.add_argument("--checkpoint", help="a checkpoint directory holding model/ or adapter/")
+    p.add_argument("--base", help="base model for an adapter (default: the run's checkpoint setting)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("tiny", help="write a tiny random checkpoint in the official layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-crops", type=int, default=4)
+    p.set_defaults(func=_tiny)
+
+    from datasets_ray.convert_cli import add_convert_parser
+
+    add_convert_parser(sub)
+    for extra in ("tune_spaces.cli", "phi3v_ray.submit"):
+        try:
+            module = __import__(extra, fromlist=["add_parser"])
+        except ImportError:
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

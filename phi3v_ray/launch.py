@@ -1,0 +1,211 @@
+"""The driver side of a training run: resolve defaults, plan, build datasets, fit, summarise.
+
+    cfg = load_config("demo"); result = run_training(cfg)
+
+Runs wherever the driver runs: a laptop (starts a local Ray), `ray job submit` on a cluster
+(connects to it), or inside a Ray Tune trial (see tune_spaces).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .config import TrainConfig
+from .train import Plan, train_loop_per_worker
+
+LOCAL_MIN_CPUS = 4  # logical CPUs for a local Ray: training workers must leave slots for Ray Data
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster in RAY_ADDRESS (jobs, clusters) or start a private local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env)
+    else:
+        cpus = num_cpus or max(LOCAL_MIN_CPUS, os.cpu_count() or 1)
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env)
+
+
+def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Fill in what the embedded default needs: the tiny checkpoint and the demo data."""
+    root = Path(cfg.resolved_storage_path) if "://" not in cfg.resolved_storage_path else Path("runs").resolve()
+    changes = {}
+    if cfg.checkpoint == "tiny":
+        from .tiny import write_tiny_checkpoint
+
+        path = root / "tiny-checkpoint"
+        if not (path / "config.json").is_file():
+            print(f"[phi3v-ray] writing a tiny random checkpoint to {path}", flush=True)
+            write_tiny_checkpoint(path, seed=0, num_crops=cfg.num_crops)
+        changes["checkpoint"] = str(path)
+    if not cfg.train_file and cfg.name == "phi3v-demo":
+        from datasets_ray.demo import make_demo_dataset
+
+        data = root / "demo-data"
+        if not (data / "train.jsonl").is_file():
+            print(f"[phi3v-ray] generating the demo data in {data}", flush=True)
+            make_demo_dataset(data, seed=0)
+        changes.update(train_file=str(data / "train.jsonl"), val_file=str(data / "test.jsonl"),
+                       images_root=str(data / "images"))
+    return cfg.replace(**changes) if changes else cfg
+
+
+def plan_run(cfg: TrainConfig, n_train: int, n_val: int) -> Plan:
+    """Optimizer steps from the record count: Ray splits the train set evenly (equal shards)."""
+    run_dir = f"{cfg.resolved_storage_path.rstrip('/')}/{cfg.name}"
+    if cfg.eval_only:
+        return Plan(total_steps=0, steps_per_epoch=0, n_train=0, n_val=n_val, run_dir=run_dir, checkpoint_dir=cfg.checkpoint)
+    per_worker = n_train // cfg.num_workers
+    if per_worker == 0:
+        raise ValueError(f"{n_train} training records cannot feed {cfg.num_workers} workers")
+    micro_batches = math.ceil(per_worker / cfg.micro_batch)
+    steps_per_epoch = math.ceil(micro_batches / cfg.accumulation)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    return Plan(total_steps=total, steps_per_epoch=steps_per_epoch, n_train=n_train, n_val=n_val, run_dir=run_dir,
+                checkpoint_dir=cfg.checkpoint)
+
+
+def build_datasets(cfg: TrainConfig, run_dir: str):
+    """The Ray Data pipelines for train (and val); returns (datasets, n_train, n_val)."""
+    import ray.data
+
+    from datasets_ray.pipeline import DataSettings, build_dataset
+
+    # Ray Data's per-operator bars would bury the per-step lines; the training loop prints its own.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    local = Path(run_dir) if "://" not in run_dir else Path("runs").resolve() / cfg.name
+    settings = DataSettings(
+        train_files=[cfg.train_file] if cfg.train_file else [cfg.val_file],
+        val_files=[cfg.val_file] if cfg.val_file else [],
+        images_root=cfg.images_root,
+        processor_dir=cfg.checkpoint,
+        num_crops=cfg.num_crops,
+        max_length=cfg.max_length,
+        overflow=cfg.overflow,
+        on_bad_record=cfg.on_bad_record,
+        quarantine_dir=str(local / "quarantine"),
+        work_dir=str(local / "data"),
+        preprocess_concurrency=cfg.preprocess_actors,
+        num_cpus_per_actor=cfg.preprocess_cpus,
+        node_resource=cfg.data_node_resource or None,
+        seed=cfg.seed,
+    )
+    datasets, counts = {}, {"train": 0, "val": 0}
+    splits = {"val": cfg.val_file} if cfg.eval_only else {"train": cfg.train_file, "val": cfg.val_file}
+    for split, path in splits.items():
+        if path:
+            datasets[split] = build_dataset(settings, [path], split)
+            counts[split] = _count_lines(Path(settings.work_dir) / f"{split}.manifest.jsonl")
+    return datasets, counts["train"], counts["val"]
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def make_trainer(cfg: TrainConfig, plan: Plan, datasets: dict, callbacks=None):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    execution = ray.train.DataConfig.default_ingest_options()
+    execution.preserve_order = True  # a deterministic batch order is what makes exact resume possible
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "plan": asdict(plan)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=resources,
+            accelerator_type=cfg.accelerator_type or None,
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=cfg.resolved_storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[d for d in ("train",) if d in datasets],
+                                            execution_options=execution),
+    )
+
+
+def run_training(cfg: TrainConfig, callbacks=None, start_ray: bool = True):
+    """Validate, plan and fit; prints the evaluation before and after. Returns the Ray Train Result."""
+    cfg = resolve_defaults(cfg).validate()
+    if start_ray:
+        ensure_ray()
+    t0 = time.perf_counter()
+    run_dir = f"{cfg.resolved_storage_path.rstrip('/')}/{cfg.name}"
+    datasets, n_train, n_val = build_datasets(cfg, run_dir)
+    plan = plan_run(cfg, n_train, n_val)
+    print(f"[phi3v-ray] run {cfg.name}: {n_train} train / {n_val} val records, {cfg.num_workers} workers, "
+          f"{plan.total_steps} steps; results in {plan.run_dir}", flush=True)
+    result = make_trainer(cfg, plan, datasets, callbacks).fit()
+    elapsed = time.perf_counter() - t0
+    summary = summarize_run(plan.run_dir, elapsed)
+    if summary:
+        print(summary, flush=True)
+    return result
+
+
+def summarize_run(run_dir: str, elapsed: float | None = None) -> str:
+    """Before/after evaluation and a loss-curve PNG, read from the run's artifacts."""
+    if "://" in run_dir:
+        return ""
+    artifacts = Path(run_dir) / "artifacts"
+    lines = []
+    for tag in ("before", "after"):
+        path = artifacts / "eval" / f"{tag}.json"
+        if path.is_file():
+            scores = json.loads(path.read_text())["scores"]
+            shown = ", ".join(f"{k[4:]} {v:.3f}" for k, v in sorted(scores.items()) if not k.endswith("/n"))
+            lines.append(f"  eval {tag:<6}: {shown}")
+    metrics = artifacts / "metrics.jsonl"
+    if metrics.is_file():
+        png = plot_loss_curve(metrics, artifacts / "loss_curve.png")
+        if png:
+            lines.append(f"  loss curve : {png}")
+    if elapsed is not None:
+        lines.append(f"  wall time  : {elapsed:.0f} s")
+    return "[phi3v-ray] summary\n" + "\n".join(lines) if lines else ""
+
+
+def plot_loss_curve(metrics_file: Path, out: Path) -> Path | None:
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    by_step = {r["step"]: r["loss"] for r in rows if "loss" in r}  # a resumed run repeats steps: keep the last
+    points = sorted(by_step.items())
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(metrics_file.parent.parent.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
