@@ -81,6 +81,7 @@ class TrainConfig:
     eval_batch: int = _f(4, "prompts per generation batch")
     max_new_tokens: int = _f(64, "generation length cap (recipe: 64)")
     log_every: int = _f(1, "report metrics every N optimizer steps")
+    fault_injection: str = _f("", "chaos testing: 'rank:step:marker_file' makes that worker's process exit once after that step")
     eval_only: bool = _f(False, "evaluate the checkpoint on val_file and stop (what `phi3v-ray eval` runs)")
 
     # ----------------------------------------------------------------- derived values

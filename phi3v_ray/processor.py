@@ -51,7 +51,7 @@ def hd_scale(width: int, height: int, num_crops: int) -> int:
 
 
 def check_num_crops(num_crops: int) -> int:
-    if not isinstance(num_crops, int) or not 1 <= num_crops <= MAX_NUM_CROPS:
+    if isinstance(num_crops, bool) or not isinstance(num_crops, int) or not 1 <= num_crops <= MAX_NUM_CROPS:
         raise ValueError(f"num_crops must be an integer in 1..{MAX_NUM_CROPS}, got {num_crops!r}")
     return num_crops
 

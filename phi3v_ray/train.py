@@ -309,7 +309,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ---- loop
     from datasets_ray.pipeline import iter_train_batches
 
-    kill = _fault_injection(rank)
+    kill = _fault_injection(rank, cfg.fault_injection)
     done = state.step >= plan.total_steps
     window = _Window()
     while not done and state.epoch < cfg.epochs:
@@ -476,9 +476,8 @@ def _tensorboard(plan: Plan, metrics: dict) -> None:
     writer.flush()
 
 
-def _fault_injection(rank: int):
-    """Test hook: PHI3V_FAULT="rank:step:marker" kills that rank's process once, after that step."""
-    spec = os.environ.get("PHI3V_FAULT")
+def _fault_injection(rank: int, spec: str):
+    """Chaos hook: "rank:step:marker" ends that rank's process once, after that step (the marker file records it)."""
     if not spec:
         return lambda step: None
     fault_rank, fault_step, marker = spec.split(":", 2)

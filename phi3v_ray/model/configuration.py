@@ -98,4 +98,11 @@ class Phi3VConfig(Phi3Config):
             }
         else:
             out["rope_scaling"] = None
+        # Keys the official remote code reads: its class map and the pre-5.x dtype name.
+        out.setdefault("auto_map", {
+            "AutoConfig": "configuration_phi3_v.Phi3VConfig",
+            "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM",
+        })
+        if "dtype" in out and out["dtype"] is not None:
+            out["torch_dtype"] = str(out["dtype"]).replace("torch.", "")
         return out

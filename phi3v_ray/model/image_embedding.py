@@ -135,5 +135,5 @@ class Phi3VImageEmbedding(nn.Module):
             sequences.append(self.hd_sequence(merged[offset : offset + 1 + h * w], h, w))
             offset += 1 + h * w
         lengths = [s.shape[0] for s in sequences]
-        projected = self.img_projection(torch.cat(sequences, dim=0).to(self.img_projection[0].weight.dtype))
+        projected = self.img_projection(torch.cat(sequences, dim=0).to(self.glb_GN.dtype))
         return list(projected.split(lengths, dim=0))

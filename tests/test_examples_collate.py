@@ -1,0 +1,262 @@
+"""phi3v_ray.examples and phi3v_ray.collate: label masking, multi-turn tags, overflow, padding (SPEC §4)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from phi3v_ray.collate import batch_stats, collate
+from phi3v_ray.examples import (
+    IGNORE_INDEX,
+    SequenceTooLong,
+    build_example,
+    build_generation_prompt,
+    chat_prompt,
+)
+from phi3v_ray.processor import Phi3VImageProcessor, Phi3VProcessor, tokens_per_image
+
+BOS, ENDOFTEXT, ASSISTANT, END, USER, SYSTEM = 1, 32000, 32001, 32007, 32010, 32006
+NEWLINE = 201  # "\n" in the tiny tokenizer (checked below)
+SQUARE = Image.new("RGB", (336, 336), (200, 30, 30))
+WIDE = Image.new("RGB", (672, 336), (30, 200, 30))  # at num_crops 2: [336, 672], 3 crops, 457 tokens
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_ckpt):
+    return Phi3VProcessor.from_pretrained(tiny_ckpt)  # num_crops 1: every image is [336, 336], 313 tokens
+
+
+@pytest.fixture(scope="module")
+def processor2(processor):
+    return Phi3VProcessor(processor.tokenizer, Phi3VImageProcessor(2))
+
+
+def enc(processor, text, special=False):
+    return processor.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def test_tiny_tokenizer_special_ids(processor):
+    assert enc(processor, "\n") == [NEWLINE]
+    assert enc(processor, "<|user|><|assistant|><|end|><|endoftext|><|system|>") == [USER, ASSISTANT, END, ENDOFTEXT, SYSTEM]
+    assert enc(processor, "x", special=True)[0] == BOS
+
+
+def test_single_turn_labels(processor):
+    conv = [{"images": ["a.png"], "user": "What colour is the shape?", "assistant": "red"}]
+    ex = build_example(processor, conv, [SQUARE])
+    ids, labels = ex.input_ids.tolist(), ex.labels.tolist()
+    n = tokens_per_image(336, 336)
+    prompt = (
+        enc(processor, "<|user|>\n", True)
+        + [-1] * n
+        + enc(processor, "\nWhat colour is the shape?<|end|>\n<|assistant|>\n", True)
+    )
+    answer = enc(processor, "red") + [END, NEWLINE, ENDOFTEXT]
+    assert ids == prompt + answer
+    assert labels == [IGNORE_INDEX] * len(prompt) + answer
+    # spelled out: BOS, role tokens, placeholders and "<|assistant|>\n" are masked; the suffix is supervised
+    assert labels[-3:] == [END, NEWLINE, ENDOFTEXT]
+    for i, t in enumerate(ids[: len(prompt)]):
+        assert labels[i] == IGNORE_INDEX, (i, t)
+    assert ids[len(prompt) - 2 : len(prompt)] == [ASSISTANT, NEWLINE]
+    assert ex.num_images == 1 and ex.pixel_values.shape == (1, 2, 3, 336, 336)
+    assert ex.input_ids.dtype == np.int64 and ex.labels.dtype == np.int64
+
+
+def test_user_text_with_tags_kept(processor):
+    conv = [{"images": ["a", "b"], "user": "<|image_1|><|image_2|>\nSame colour?", "assistant": "no"}]
+    ex = build_example(processor, conv, [SQUARE, SQUARE])
+    ids = ex.input_ids.tolist()
+    n = tokens_per_image(336, 336)
+    i1, i2 = ids.index(-1), ids.index(-2)
+    assert i2 == i1 + n + 1 and ids[i1 + n] == BOS  # lone BOS between adjacent tags
+    assert ids.count(-1) == n and ids.count(-2) == n
+
+
+def test_system_prompt_only_in_first_turn(processor):
+    conv = [{"images": [], "user": "hi", "assistant": "yes"}, {"images": [], "user": "again", "assistant": "no"}]
+    ex = build_example(processor, conv, [], system="be brief")
+    ids = ex.input_ids.tolist()
+    assert ids.count(SYSTEM) == 1 and ids.index(SYSTEM) == 1
+    assert ex.pixel_values.shape[0] == 0 and ex.num_images == 0
+
+
+def test_multi_turn_tags_bos_and_labels(processor):
+    conv = [
+        {"images": ["a"], "user": "What colour is the shape?", "assistant": "red"},
+        {"images": ["b", "c"], "user": "Do both images show the same colour?", "assistant": "yes"},
+        {"images": [], "user": "Which way?", "assistant": "left"},
+    ]
+    ex = build_example(processor, conv, [SQUARE, SQUARE, SQUARE])
+    ids, labels = ex.input_ids.tolist(), ex.labels.tolist()
+    n = tokens_per_image(336, 336)
+
+    turns = []
+    for user, answer in [
+        ("<|image_1|>\nWhat colour is the shape?", "red"),
+        ("<|image_2|><|image_3|>\nDo both images show the same colour?", "yes"),
+        ("Which way?", "left"),
+    ]:
+        turns.append((processor.tokenize_prompt(chat_prompt(user), {1: n, 2: n, 3: n}), enc(processor, answer) + [END, NEWLINE, ENDOFTEXT]))
+    assert ids == [t for p, a in turns for t in p + a]
+    assert labels == [t for p, a in turns for t in [IGNORE_INDEX] * len(p) + a]
+    # every turn starts again with BOS <|user|>
+    starts = [i for i in range(len(ids) - 1) if ids[i] == BOS and ids[i + 1] == USER]
+    assert len(starts) == 3
+    assert ids[starts[1] - 1] == ENDOFTEXT and ids[starts[2] - 1] == ENDOFTEXT
+    # the images of turn 2 get the global tags 2 and 3
+    assert [ids.count(-k) for k in (1, 2, 3, 4)] == [n, n, n, 0]
+    assert starts[0] < ids.index(-1) < starts[1] < ids.index(-2) < ids.index(-3) < starts[2]
+    assert ex.num_images == 3
+
+
+def test_mismatched_image_count(processor):
+    with pytest.raises(ValueError, match="1 images but 2"):
+        build_example(processor, [{"images": ["a"], "user": "q", "assistant": "a"}], [SQUARE, SQUARE])
+
+
+def _three_turns():
+    return [
+        {"images": ["a"], "user": "What colour is the shape?", "assistant": "red"},
+        {"images": ["b"], "user": "What colour is the shape?", "assistant": "green"},
+        {"images": ["c", "d"], "user": "Do both images show the same colour?", "assistant": "no"},
+    ]
+
+
+def test_truncate_drops_earliest_whole_turns_and_renumbers(processor):
+    red, green, blue, yellow = (Image.new("RGB", (336, 336), c) for c in [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)])
+    images = [red, green, blue, yellow]
+    full = build_example(processor, _three_turns(), images)
+    last_only = build_example(processor, _three_turns()[2:], [blue, yellow])
+    last_two = build_example(processor, _three_turns()[1:], [green, blue, yellow])
+    n = tokens_per_image(336, 336)
+    assert len(full.input_ids) > len(last_two.input_ids) > len(last_only.input_ids)
+
+    cut = build_example(processor, _three_turns(), images, max_length=len(last_two.input_ids), overflow="truncate")
+    np.testing.assert_array_equal(cut.input_ids, last_two.input_ids)
+    np.testing.assert_array_equal(cut.labels, last_two.labels)
+    np.testing.assert_array_equal(cut.pixel_values, last_two.pixel_values)  # green, blue, yellow
+    assert [int((cut.input_ids == -k).sum()) for k in (1, 2, 3, 4)] == [n, n, n, 0]
+
+    cut = build_example(processor, _three_turns(), images, max_length=len(last_two.input_ids) - 1, overflow="truncate")
+    np.testing.assert_array_equal(cut.input_ids, last_only.input_ids)
+    np.testing.assert_array_equal(cut.labels, last_only.labels)
+    np.testing.assert_array_equal(cut.pixel_values, last_only.pixel_values)
+    assert cut.num_images == 2 and int(cut.input_ids.min()) == -2
+    # answers are kept whole: the label tail is the full supervised answer of the last turn
+    assert cut.labels[-3:].tolist() == [END, NEWLINE, ENDOFTEXT]
+
+    fits = build_example(processor, _three_turns(), images, max_length=len(full.input_ids), overflow="truncate")
+    np.testing.assert_array_equal(fits.input_ids, full.input_ids)
+
+
+def test_overflow_reject_and_last_turn_too_long(processor):
+    images = [SQUARE] * 4
+    full = build_example(processor, _three_turns(), images)
+    with pytest.raises(SequenceTooLong):
+        build_example(processor, _three_turns(), images, max_length=len(full.input_ids) - 1)
+    with pytest.raises(SequenceTooLong):
+        build_example(processor, _three_turns(), images, max_length=len(full.input_ids) - 1, overflow="reject")
+    last_only = build_example(processor, _three_turns()[2:], images[:2])
+    with pytest.raises(SequenceTooLong):  # the last turn alone does not fit: never cut an answer
+        build_example(processor, _three_turns(), images, max_length=len(last_only.input_ids) - 1, overflow="truncate")
+    assert issubclass(SequenceTooLong, ValueError)
+    with pytest.raises(ValueError, match="overflow"):
+        build_example(processor, _three_turns(), images, overflow="cut")
+
+
+def test_generation_prompt(processor):
+    ex = build_generation_prompt(processor, "What colour is the shape?", [SQUARE])
+    n = tokens_per_image(336, 336)
+    expected = processor.tokenize_prompt(chat_prompt("<|image_1|>\nWhat colour is the shape?"), {1: n})
+    assert ex.input_ids.tolist() == expected
+    assert ex.input_ids[-2:].tolist() == [ASSISTANT, NEWLINE]
+    assert (ex.labels == IGNORE_INDEX).all()
+
+
+# --- collate -----------------------------------------------------------------------------------
+
+
+def _rows(processor, processor2):
+    """Rows with 0, 1 and 2 images; row 1 at num_crops 2 (3 crop slots), row 2 at num_crops 1 (2 slots)."""
+    r0 = build_example(processor, [{"images": [], "user": "Which way does the square move?", "assistant": "left"}], [])
+    r1 = build_example(processor2, [{"images": ["a"], "user": "What colour is the shape?", "assistant": "green"}], [WIDE])
+    r2 = build_example(
+        processor, [{"images": ["a", "b"], "user": "Do both images show the same colour?", "assistant": "yes"}], [SQUARE, WIDE]
+    )
+    return [r0, r1, r2]
+
+
+def _as_row(ex):
+    return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": ex.pixel_values, "image_sizes": ex.image_sizes}
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collate_padding_and_images(processor, processor2, side):
+    examples = _rows(processor, processor2)
+    assert [e.num_images for e in examples] == [0, 1, 2]
+    assert [e.pixel_values.shape[1] for e in examples] == [2, 3, 2]
+    assert examples[1].image_sizes.tolist() == [[336, 672]]
+    batch = collate([_as_row(e) for e in examples], padding_side=side)
+    lengths = [len(e.input_ids) for e in examples]
+    width = max(lengths)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, width)
+    assert batch["input_ids"].dtype == torch.int64
+    for i, (e, length) in enumerate(zip(examples, lengths)):
+        real = slice(0, length) if side == "right" else slice(width - length, width)
+        pad = slice(length, width) if side == "right" else slice(0, width - length)
+        assert batch["input_ids"][i, real].tolist() == e.input_ids.tolist()
+        assert batch["labels"][i, real].tolist() == e.labels.tolist()
+        assert (batch["input_ids"][i, pad] == ENDOFTEXT).all()
+        assert (batch["labels"][i, pad] == IGNORE_INDEX).all()
+        assert (batch["attention_mask"][i, real] == 1).all() and (batch["attention_mask"][i, pad] == 0).all()
+        # the answer's own <|endoftext|> stays visible: the mask comes from lengths, not from the pad id
+        eot = real.start + length - 1
+        assert batch["input_ids"][i, eot] == ENDOFTEXT and batch["attention_mask"][i, eot] == 1
+    if side == "right":
+        assert batch["attention_mask"].sum(1).tolist() == lengths
+
+    # images of all rows, concatenated in row order, zero-padded to the largest crop count
+    pv, sizes = batch["pixel_values"], batch["image_sizes"]
+    assert pv.shape == (3, 3, 3, 336, 336) and pv.dtype == torch.float32
+    assert sizes.tolist() == [[336, 672], [336, 336], [336, 336]]  # WIDE at num_crops 1 is scaled to [336, 336]
+    np.testing.assert_array_equal(pv[0, :3].numpy(), examples[1].pixel_values[0])
+    np.testing.assert_array_equal(pv[1, :2].numpy(), examples[2].pixel_values[0])
+    np.testing.assert_array_equal(pv[2, :2].numpy(), examples[2].pixel_values[1])
+    assert (pv[1:, 2:] == 0).all()
+    assert batch_stats(batch) == (sum(lengths), 3)
+
+
+def test_collate_text_only_and_options(processor, processor2):
+    r0 = _rows(processor, processor2)[0]
+    batch = collate([_as_row(r0), {"input_ids": r0.input_ids[:5]}], pad_to_multiple_of=8)
+    assert batch["input_ids"].shape[1] % 8 == 0 and batch["input_ids"].shape[1] >= len(r0.input_ids)
+    assert batch["pixel_values"] is None and batch["image_sizes"] is None
+    assert (batch["labels"][1] == IGNORE_INDEX).all()  # no labels given → nothing supervised
+    assert batch_stats(batch) == (len(r0.input_ids) + 5, 0)
+    with pytest.raises(ValueError, match="padding_side"):
+        collate([_as_row(r0)], padding_side="middle")
+    with pytest.raises(ValueError, match="empty"):
+        collate([])
+
+
+def test_batch_equals_examples_one_by_one(tiny_ckpt, processor, processor2):
+    from phi3v_ray.model import Phi3VForCausalLM, causal_lm_loss
+
+    model = Phi3VForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    examples = _rows(processor, processor2)
+    batch = collate([_as_row(e) for e in examples], padding_side="right")
+    with torch.no_grad():
+        out = model(**batch)
+        singles = [model(**collate([_as_row(e)])) for e in examples]
+    per_example = []
+    for i, (e, single) in enumerate(zip(examples, singles)):
+        length = len(e.input_ids)
+        logits = out.logits[i : i + 1, :length]
+        torch.testing.assert_close(logits, single.logits, atol=1e-4, rtol=1e-4)
+        loss = causal_lm_loss(logits, batch["labels"][i : i + 1, :length])
+        torch.testing.assert_close(loss, single.loss, atol=1e-4, rtol=1e-4)
+        per_example.append((loss, int((e.labels[1:] != IGNORE_INDEX).sum())))
+    # the batch loss is the token-weighted mean of the per-example losses
+    expected = sum(l * n for l, n in per_example) / sum(n for _, n in per_example)
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,98 @@
+"""Which parameters train in each mode — asserted name by name, and by the gradients a step leaves."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from phi3v_ray.model import Phi3VForCausalLM
+from phi3v_ray.modes import Mode, LoraSettings, apply_mode, enable_gradient_checkpointing, trainable_parameter_names
+
+UNUSED = re.compile(r"img_processor\.vision_model\.(post_layernorm|encoder\.layers\.2)\.")  # tiny CLIP has 3 layers
+VISION = "model.vision_embed_tokens."
+
+
+def _model(tiny_ckpt):
+    return Phi3VForCausalLM.from_pretrained(tiny_ckpt)
+
+
+def _batch(model):
+    """One example with one image (1 crop → 313 placeholder tokens) and a supervised answer."""
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 32010, 201] + [-1] * 313 + [1, 300, 301, 32007, 201, 32001, 201, 320, 32007, 201, 32000]])
+    labels = torch.full_like(ids, -100)
+    labels[0, -4:] = ids[0, -4:]
+    return dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids),
+                pixel_values=torch.randn(1, 2, 3, 336, 336), image_sizes=torch.tensor([[336, 336]]))
+
+
+def test_full_trains_everything_but_the_unused_clip_layer(tiny_ckpt):
+    model = apply_mode(_model(tiny_ckpt), Mode.FULL)
+    names = {n for n, _ in model.named_parameters()}
+    expected = {n for n in names if not UNUSED.search(n)}
+    assert set(trainable_parameter_names(model)) == expected
+    assert len(names - expected) == 2 + 16  # post_layernorm (w, b) + one CLIP layer's 16 tensors
+
+
+def test_frozen_vision_freezes_clip_projector_and_separators(tiny_ckpt):
+    model = apply_mode(_model(tiny_ckpt), Mode.FROZEN_VISION)
+    trainable = set(trainable_parameter_names(model))
+    assert not any(n.startswith(VISION) for n in trainable)
+    assert "model.embed_tokens.weight" in trainable  # an explicit choice, unlike the recipe's accident
+    model.train()
+    model(**_batch(model), loss_only=True).loss.backward()
+    for name, p in model.named_parameters():
+        if name.startswith(VISION):
+            assert p.grad is None, name
+        elif p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+    frozen_embed = apply_mode(_model(tiny_ckpt), Mode.FROZEN_VISION, freeze_text_embedding=True)
+    assert "model.embed_tokens.weight" not in trainable_parameter_names(frozen_embed)
+
+
+def _lora_targets(model) -> set[str]:
+    return {n.split(".lora_A")[0] for n in trainable_parameter_names(model) if ".lora_A." in n}
+
+
+def test_lora_trains_adapters_only_on_the_spec_targets(tiny_ckpt):
+    model = apply_mode(_model(tiny_ckpt), Mode.LORA, LoraSettings(rank=4, alpha=8))
+    trainable = trainable_parameter_names(model)
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    targets = {re.sub(r"^base_model\.model\.", "", t) for t in _lora_targets(model)}
+    lm = {f"model.layers.{i}.{m}" for i in range(2) for m in
+          ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    clip = {f"model.vision_embed_tokens.img_processor.vision_model.encoder.layers.{i}.{m}" for i in range(2) for m in
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")}
+    projector = {"model.vision_embed_tokens.img_projection.0", "model.vision_embed_tokens.img_projection.2"}
+    assert targets == lm | {"lm_head"} | clip | projector
+
+    text_only = apply_mode(_model(tiny_ckpt), Mode.LORA, LoraSettings(rank=4, alpha=8, vision=False))
+    assert {re.sub(r"^base_model\.model\.", "", t) for t in _lora_targets(text_only)} == lm | {"lm_head"}
+
+    model.train()
+    enable_gradient_checkpointing(model)
+    model(**_batch(model), loss_only=True).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == set(trainable)  # every adapter, including CLIP's, receives a gradient
+
+
+def test_qlora_is_lora_on_a_4bit_base(tiny_ckpt):
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                               llm_int8_skip_modules=["lm_head"])
+    base = Phi3VForCausalLM.from_pretrained(tiny_ckpt, quantization_config=quant, dtype=torch.float32)
+    model = apply_mode(base, Mode.QLORA, LoraSettings(rank=4, alpha=8))
+    trainable = trainable_parameter_names(model)
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    qkv = model.get_base_model().model.layers[0].self_attn.qkv_proj.base_layer
+    assert isinstance(qkv.weight, bnb.nn.Params4bit) and qkv.weight.quant_type == "nf4"
+    model.train()
+    loss = model(**_batch(model), loss_only=True).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
