@@ -119,7 +119,7 @@ def run(args) -> dict:
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=args.master_fp32 and dtype != torch.float32):
-            loss = model(**batch).loss
+            loss = model(**batch, loss_only=True).loss
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()

@@ -67,6 +67,7 @@ class TrainConfig:
     num_workers: int = _f(1, "training workers (one per GPU)")
     use_gpu: bool = _f(False, "train on GPUs")
     accelerator_type: str = _f("", "Ray accelerator type to request, e.g. H100, A100, L4 (empty = any)")
+    worker_resource: str = _f("", "custom resource each training worker takes one unit of (a node pool's label; empty = none)")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per training worker")
     preprocess_cpus: float = _f(0.5, "CPUs per Ray Data preprocessing actor")
     preprocess_actors: int = _f(1, "Ray Data preprocessing actors")

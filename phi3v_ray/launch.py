@@ -125,6 +125,8 @@ def make_trainer(cfg: TrainConfig, plan: Plan, datasets: dict, callbacks=None):
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
+    if cfg.worker_resource:
+        resources[cfg.worker_resource] = 1
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "plan": asdict(plan)},
@@ -147,11 +149,46 @@ def make_trainer(cfg: TrainConfig, plan: Plan, datasets: dict, callbacks=None):
     )
 
 
+class ClusterCannotFit(RuntimeError):
+    """The run asks for resources no node has and no autoscaler can add."""
+
+
+def check_cluster_fits(cfg: TrainConfig) -> None:
+    """Fail fast, instead of waiting forever, when no node offers what a training worker needs.
+
+    Skipped on autoscaling clusters (nodes of the wanted type may still come up).
+    """
+    import ray
+
+    if os.environ.get("PHI3V_AUTOSCALING") == "1":
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    need = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        need["GPU"] = 1
+    if cfg.accelerator_type:
+        need[f"accelerator_type:{cfg.accelerator_type}"] = 0.001
+    if cfg.worker_resource:
+        need[cfg.worker_resource] = 1
+    fitting = sum(
+        min(int(n["Resources"].get(k, 0) / v) for k, v in need.items() if v > 0) if all(n["Resources"].get(k, 0) >= v for k, v in need.items()) else 0
+        for n in nodes
+    )
+    if fitting < cfg.num_workers:
+        have = sorted({k for n in nodes for k in n["Resources"] if k in need or k.startswith("accelerator_type:")})
+        raise ClusterCannotFit(
+            f"run {cfg.name!r} needs {cfg.num_workers} workers with {need}, but the cluster's nodes fit {fitting}; "
+            f"resources present: {have or 'none of those'}. Change num_workers / accelerator_type / worker_resource / "
+            f"use_gpu, or set PHI3V_AUTOSCALING=1 on an autoscaling cluster."
+        )
+
+
 def run_training(cfg: TrainConfig, callbacks=None, start_ray: bool = True):
     """Validate, plan and fit; prints the evaluation before and after. Returns the Ray Train Result."""
     cfg = resolve_defaults(cfg).validate()
     if start_ray:
         ensure_ray()
+    check_cluster_fits(cfg)
     t0 = time.perf_counter()
     run_dir = f"{cfg.resolved_storage_path.rstrip('/')}/{cfg.name}"
     datasets, n_train, n_val = build_datasets(cfg, run_dir)
