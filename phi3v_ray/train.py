@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -241,6 +242,11 @@ def write_text(path: str, text: str, append: bool = False) -> None:
 
 
 # ----------------------------------------------------------------------------- the loop
+def say(text: str) -> None:
+    """Print once from a worker. Ray Train tees print() when a library has wrapped sys.stdout."""
+    print(f"[phi3v-ray] {text}", file=sys.__stdout__, flush=True)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -252,7 +258,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     hw = resolve_hardware(detect_gpu() if device.type == "cuda" else None, cfg.precision, cfg.attention)
     if rank == 0:
-        print(f"[phi3v-ray] {log_choice(hw)}", flush=True)
+        say(log_choice(hw))
 
     # ---- build
     torch.manual_seed(cfg.seed)
@@ -260,10 +266,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     engine = Engine(cfg, model, hw, plan, device, world)
     trainable, total = count_parameters(engine.model)
     if rank == 0:
-        print(f"[phi3v-ray] mode={cfg.mode} trainable {trainable:,} of {total:,} parameters; "
+        say(f"mode={cfg.mode} trainable {trainable:,} of {total:,} parameters; "
               f"global batch {cfg.effective_global_batch} = micro {cfg.micro_batch} × workers {world} × accumulation "
-              f"{cfg.accumulation}; {plan.total_steps} optimizer steps; ZeRO-{cfg.resolved_zero_stage if engine.deepspeed else 0}",
-              flush=True)
+              f"{cfg.accumulation}; {plan.total_steps} optimizer steps; ZeRO-{cfg.resolved_zero_stage if engine.deepspeed else 0}")
 
     # ---- resume
     state = TrainState()
@@ -280,7 +285,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rng.is_file():
                 torch.set_rng_state(torch.load(rng, weights_only=True))
         if rank == 0:
-            print(f"[phi3v-ray] resumed at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})", flush=True)
+            say(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
 
     train_shard = None if cfg.eval_only else ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if plan.n_val else None
@@ -291,9 +296,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         t = time.perf_counter()
         scores = evaluate(engine.model, val_shard, cfg, plan, device, rank, world, step=state.step, tag=tag, hw=hw)
         if rank == 0 and scores:
-            print(f"[phi3v-ray] eval {tag} step {state.step}: " +
+            say(f"eval {tag} step {state.step}: " +
                   ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if not k.startswith("val/n")) +
-                  f" ({time.perf_counter() - t:.1f}s)", flush=True)
+                  f" ({time.perf_counter() - t:.1f}s)")
         return scores
 
     if cfg.eval_only:
@@ -424,7 +429,7 @@ def _report(cfg, plan, metrics, engine, state, history, rank, with_checkpoint: b
 
     if rank == 0:
         line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-        print(f"[phi3v-ray] {_progress(state.step, plan.total_steps)} {line}", flush=True)
+        say(f"{_progress(state.step, plan.total_steps)} {line}")
         write_text(f"{plan.run_dir}/artifacts/metrics.jsonl", json.dumps(metrics) + "\n", append=True)
         _tensorboard(plan, metrics)
     if not with_checkpoint:
