@@ -95,7 +95,7 @@ class TrainConfig:
         """Micro batches per optimizer step, computed once from the batch settings."""
         if self.grad_accum > 0:
             return self.grad_accum
-        return max(1, self.global_batch // (self.micro_batch * self.num_workers))
+        return max(1, self.global_batch // max(1, self.micro_batch * self.num_workers))
 
     @property
     def effective_global_batch(self) -> int:
@@ -158,7 +158,8 @@ class TrainConfig:
         for name in ("warmup_steps", "max_steps", "checkpoint_every", "eval_every", "eval_max_samples", "grad_accum", "max_failures"):
             if getattr(self, name) < 0:
                 bad(name, "must be ≥ 0")
-        if self.grad_accum == 0 and self.global_batch % (self.micro_batch * self.num_workers):
+        per_pass = self.micro_batch * self.num_workers
+        if self.grad_accum == 0 and per_pass > 0 and self.global_batch % per_pass:
             bad("global_batch", f"must be a multiple of micro_batch × num_workers = {self.micro_batch * self.num_workers}, "
                                 "or set grad_accum explicitly")
         if self.zero_stage not in (-1, 0, 2):

@@ -432,6 +432,7 @@ def _report(cfg, plan, metrics, engine, state, history, rank, with_checkpoint: b
         say(f"{_progress(state.step, plan.total_steps)} {line}")
         write_text(f"{plan.run_dir}/artifacts/metrics.jsonl", json.dumps(metrics) + "\n", append=True)
         _tensorboard(plan, metrics)
+        _mlflow(plan, metrics)
     if not with_checkpoint:
         ray.train.report(metrics)
         return
@@ -479,6 +480,26 @@ def _tensorboard(plan: Plan, metrics: dict) -> None:
         if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
             writer.add_scalar(key, value, metrics["step"])
     writer.flush()
+
+
+_MLFLOW = {}
+
+
+def _mlflow(plan: Plan, metrics: dict) -> None:
+    """Log to MLflow when it is installed; tracking goes to $MLFLOW_TRACKING_URI or the run's artifacts."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        return
+    import mlflow
+
+    if plan.run_dir not in _MLFLOW:
+        if not os.environ.get("MLFLOW_TRACKING_URI") and "://" not in plan.run_dir:
+            mlflow.set_tracking_uri(f"file://{plan.run_dir}/artifacts/mlruns")
+        mlflow.set_experiment(Path(plan.run_dir).name)
+        _MLFLOW[plan.run_dir] = mlflow.start_run()
+    mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()
+                        if isinstance(v, (int, float)) and k != "step" and math.isfinite(v)}, step=int(metrics["step"]))
 
 
 def _fault_injection(rank: int, spec: str):
