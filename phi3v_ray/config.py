@@ -112,6 +112,17 @@ class TrainConfig:
         path = self.storage_path or os.environ.get("PHI3V_STORAGE_PATH") or "runs"
         return path if "://" in path else str(Path(path).expanduser().resolve())
 
+    def worker_resources(self) -> dict[str, float]:
+        """What one training worker holds: CPUs, a GPU, the accelerator type and pool label it asks for."""
+        need = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            need["GPU"] = 1
+        if self.accelerator_type:
+            need[f"accelerator_type:{self.accelerator_type}"] = 0.001  # how Ray itself requests a type
+        if self.worker_resource:
+            need[self.worker_resource] = 1
+        return need
+
     # ----------------------------------------------------------------- I/O
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

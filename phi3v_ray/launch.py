@@ -122,11 +122,8 @@ def make_trainer(cfg: TrainConfig, plan: Plan, datasets: dict, callbacks=None):
 
     execution = ray.train.DataConfig.default_ingest_options()
     execution.preserve_order = True  # a deterministic batch order is what makes exact resume possible
-    resources = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = 1
-    if cfg.worker_resource:
-        resources[cfg.worker_resource] = 1
+    # ScalingConfig adds the accelerator_type resource itself.
+    resources = {k: v for k, v in cfg.worker_resources().items() if not k.startswith("accelerator_type:")}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "plan": asdict(plan)},
@@ -163,17 +160,10 @@ def check_cluster_fits(cfg: TrainConfig) -> None:
     if os.environ.get("PHI3V_AUTOSCALING") == "1":
         return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    need = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        need["GPU"] = 1
-    if cfg.accelerator_type:
-        need[f"accelerator_type:{cfg.accelerator_type}"] = 0.001
-    if cfg.worker_resource:
-        need[cfg.worker_resource] = 1
-    fitting = sum(
-        min(int(n["Resources"].get(k, 0) / v) for k, v in need.items() if v > 0) if all(n["Resources"].get(k, 0) >= v for k, v in need.items()) else 0
-        for n in nodes
-    )
+    need = {k: v for k, v in cfg.worker_resources().items() if v > 0}
+    if not need:
+        return
+    fitting = sum(min(int(n["Resources"].get(k, 0) / v) for k, v in need.items()) for n in nodes)
     if fitting < cfg.num_workers:
         have = sorted({k for n in nodes for k in n["Resources"] if k in need or k.startswith("accelerator_type:")})
         raise ClusterCannotFit(
