@@ -1,0 +1,362 @@
+"""The Ray Data pipeline on a real local Ray: rows match the processor, ragged rows travel, order is
+deterministic, streaming stays inside a small object store, training workers and preprocessing
+share the CPUs without a hang, and every bad record is either an error naming it or a quarantine
+entry that is counted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from datasets_ray.pipeline import (
+    MANIFEST_COLUMNS,
+    DataSettings,
+    Phi3VPreprocessor,
+    Phi3VCollateFn,
+    build_dataset,
+    check_cpu_budget,
+    ingest_options,
+    iter_train_batches,
+    map_batches_kwargs,
+    quarantine_report,
+    read_quarantine,
+    recommended_ray_init_cpus,
+    write_manifest,
+)
+from datasets_ray.schema import BadRecord, write_jsonl
+from phi3v_ray.collate import collate
+from phi3v_ray.examples import build_example
+from phi3v_ray.processor import Phi3VProcessor
+
+NUM_CROPS = 1  # the tiny checkpoint's budget: (n_img, 2, 3, 336, 336) per row keeps tests light
+MAX_PIXELS = 200 * 200  # demo images are 96×96 and 96×64; the "bomb" is 400×400
+MAX_LENGTH = 3000  # an 8-frame demo record is ~2540 tokens at 1 crop
+
+
+def record(rid: str, images: list[str], answer: str = "red", user: str = "What colour is the shape?") -> dict:
+    return {"id": rid, "source": "test", "conversations": [{"images": images, "user": user, "assistant": answer}]}
+
+
+@pytest.fixture(scope="module")
+def pipe_root(demo_data, tmp_path_factory) -> Path:
+    """A private copy of the demo train split plus broken image files under images/bad/."""
+    root = tmp_path_factory.mktemp("pipeline")
+    shutil.copytree(demo_data / "images" / "train", root / "images" / "train")
+    shutil.copy(demo_data / "train.jsonl", root / "demo.jsonl")
+    bad = root / "images" / "bad"
+    bad.mkdir()
+    png = (root / "images" / "train" / "demo-train-00000.0.png").read_bytes()
+    (bad / "a.png").write_bytes(png[: len(png) // 2])  # truncated
+    (bad / "b.png").write_text("this is a text file, not an image\n")  # renamed text
+    Image.new("RGB", (400, 400), "white").save(bad / "c.png")  # 160k pixels > MAX_PIXELS
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_cached_runs():
+    """The shared runs below hold datasets (and object-store blocks); let them go with the module."""
+    yield
+    _NINE.clear()
+    _SKIP_RUN.clear()
+
+
+def demo_records(root: Path, n: int | None = None) -> list[dict]:
+    lines = (root / "demo.jsonl").read_text().splitlines()
+    return [json.loads(t) for t in lines[:n]]
+
+
+def settings_for(root: Path, ckpt: Path, files: list[Path], tmp: Path, **kw) -> DataSettings:
+    kw = {
+        "num_crops": NUM_CROPS, "max_pixels": MAX_PIXELS, "max_length": MAX_LENGTH,
+        "quarantine_dir": str(tmp / "quarantine"), "work_dir": str(tmp / "work"), **kw,
+    }
+    return DataSettings(train_files=[str(f) for f in files], images_root=str(root / "images"), processor_dir=str(ckpt), **kw)
+
+
+def expected_example(processor: Phi3VProcessor, root: Path, rec: dict):
+    """The same record through the processor in plain Python (no Ray)."""
+    images = [Image.open(root / "images" / rel).convert("RGB") for turn in rec["conversations"] for rel in turn["images"]]
+    return build_example(processor, rec["conversations"], images, max_length=MAX_LENGTH)
+
+
+# ------------------------------------------------------------------------------------ settings
+
+
+def test_settings_report_every_problem_at_once(tmp_path):
+    s = DataSettings(
+        train_files=[str(tmp_path / "nope.jsonl")], images_root=str(tmp_path / "missing"), processor_dir=str(tmp_path),
+        num_crops=17, overflow="cut", on_bad_record="skip", preprocess_concurrency=(3, 1), num_cpus_per_actor=0,
+    )
+    with pytest.raises(ValueError) as e:
+        s.validate()
+    for name in ("train_files", "images_root", "processor_dir", "num_crops", "overflow", "quarantine_dir",
+                 "preprocess_concurrency", "num_cpus_per_actor"):
+        assert name in str(e.value)
+
+
+def test_cpu_rules_and_actor_arguments(tmp_path):
+    s = DataSettings(train_files=["x"], preprocess_concurrency=(1, 2), num_cpus_per_actor=0.5, node_resource="data_node")
+    assert recommended_ray_init_cpus(2, 1.0, s) == 4  # 2 workers + 2 × 0.5 actors + 0.25 read → 4
+    with pytest.raises(ValueError, match="wait forever.*num_cpus=4"):
+        check_cpu_budget(2, 2, 1.0, s)  # STACK_NOTES: two 1-CPU workers on ray.init(num_cpus=2) starve Ray Data
+    check_cpu_budget(4, 2, 1.0, s)
+    check_cpu_budget(2, 2, 0.5, s)
+    opts = ingest_options(DataSettings(object_store_memory_limit=2**26))
+    assert opts.preserve_order and opts.resource_limits.object_store_memory == 2**26
+    kw = map_batches_kwargs(s)
+    assert kw["num_cpus"] == 0.5 and kw["resources"] == {"data_node": pytest.approx(0.001)}
+    assert (kw["compute"].min_size, kw["compute"].max_size) == (1, 2)
+
+
+# ------------------------------------------------------------------------------------ rows
+
+
+_NINE: dict = {}
+
+
+@pytest.fixture
+def nine_records(ray_local, pipe_root, tiny_ckpt, tmp_path_factory):
+    """8 demo records (1, 2 and 8 images) + a text-only one: the dataset, and its rows materialized once."""
+    if not _NINE:
+        tmp = tmp_path_factory.mktemp("nine")
+        records = demo_records(pipe_root, 8) + [record("text-only", [])]
+        write_jsonl(tmp / "train.jsonl", records)
+        ds = build_dataset(settings_for(pipe_root, tiny_ckpt, [tmp / "train.jsonl"], tmp, preprocess_batch_size=3))
+        _NINE.update(records=records, ds=ds, materialized=ds.materialize())
+    return _NINE
+
+
+def test_rows_match_processor_with_ragged_images(nine_records, pipe_root, tiny_ckpt):
+    records, mat = nine_records["records"], nine_records["materialized"]
+    rows = mat.take_all()
+
+    assert [r["id"] for r in rows] == [r["id"] for r in records]  # file order kept
+    assert sorted({int(r["num_images"]) for r in rows}) == [0, 1, 2, 8]
+    processor = Phi3VProcessor.from_pretrained(tiny_ckpt, num_crops=NUM_CROPS)
+    for row, rec in zip(rows, records):
+        ex = expected_example(processor, pipe_root, rec)
+        assert set(row) == {"id", "input_ids", "labels", "pixel_values", "image_sizes", "num_images", "num_tokens",
+                            "task", "answers"}
+        first_answer = rec["conversations"][0]["assistant"]
+        assert json.loads(row["answers"]) == (rec.get("answers") or [first_answer])
+        assert row["input_ids"].dtype == np.int64 and row["labels"].dtype == np.int64
+        np.testing.assert_array_equal(row["input_ids"], ex.input_ids)
+        np.testing.assert_array_equal(row["labels"], ex.labels)
+        assert row["pixel_values"].dtype == np.float32
+        assert row["pixel_values"].shape == (ex.num_images, NUM_CROPS + 1, 3, 336, 336)
+        np.testing.assert_allclose(row["pixel_values"], ex.pixel_values, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(row["image_sizes"]).reshape(-1, 2), ex.image_sizes)
+        assert (row["num_images"], row["num_tokens"]) == (ex.num_images, len(ex.input_ids))
+
+    # The same rows through iter_torch_batches with the collate class (no re-execution: materialized).
+    batches = list(mat.iter_torch_batches(batch_size=4, collate_fn=Phi3VCollateFn(return_ids=True)))
+    assert [i for b in batches for i in b["ids"]] == [r["id"] for r in records]
+    first = collate(rows[:4])
+    for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes"):
+        torch.testing.assert_close(batches[0][k], first[k], rtol=0, atol=0)
+    assert batches[0]["pixel_values"].shape[0] == 1 + 2 + 8 + 1
+
+
+def test_shuffle_is_seeded_and_resume_skips_batches(nine_records):
+    def epoch_ids(data, epoch, skip=0):
+        it = iter_train_batches(data, micro_batch=2, epoch=epoch, seed=7, shuffle_buffer=4, skip_batches=skip,
+                                collate_fn=Phi3VCollateFn(return_ids=True))
+        return [b["ids"] for b in it]
+
+    first = epoch_ids(nine_records["materialized"], 0)
+    # A resumed run executes the whole pipeline again and must see the same order, minus what it trained on.
+    resumed = epoch_ids(nine_records["ds"], 0, skip=2)
+    other = epoch_ids(nine_records["materialized"], 1)
+    assert [len(b) for b in first] == [2, 2, 2, 2, 1]
+    assert resumed == first[2:]
+    assert sorted(sum(other, [])) == sorted(sum(first, [])) and other != first
+    assert sum(first, []) != [r["id"] for r in nine_records["records"]]  # actually shuffled
+
+
+# ------------------------------------------------------------------------------------ resources
+
+
+def test_streams_through_a_small_object_store(ray_local, pipe_root, tiny_ckpt, tmp_path):
+    limit = 24 * 2**20  # just over one 8-frame row (21.7 MB at 1 crop)
+    write_jsonl(tmp_path / "train.jsonl", demo_records(pipe_root, 16))
+    s = settings_for(pipe_root, tiny_ckpt, [tmp_path / "train.jsonl"], tmp_path,
+                     object_store_memory_limit=limit, preprocess_batch_size=1)
+    ds = build_dataset(s)
+    assert ds.context.execution_options.resource_limits.object_store_memory == limit
+    rows = images = pixel_bytes = 0
+    for batch in iter_train_batches(ds, micro_batch=2, epoch=0, seed=0, shuffle_buffer=None):
+        rows += batch["input_ids"].shape[0]
+        images += batch["image_sizes"].shape[0]
+        pixel_bytes += batch["pixel_values"].numel() * 4
+    assert rows == 16 and images == 4 * (1 + 2 + 8 + 1)
+    assert pixel_bytes > 5 * limit  # 48 images × 2.7 MB ≈ 130 MB through a 24 MB budget
+
+
+@pytest.mark.slow  # ~20 s: TorchTrainer start-up
+def test_train_workers_holding_cpus_do_not_stall_the_pipeline(ray_local, pipe_root, tiny_ckpt, tmp_path):
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    write_jsonl(tmp_path / "train.jsonl", demo_records(pipe_root, 8))
+    s = settings_for(pipe_root, tiny_ckpt, [tmp_path / "train.jsonl"], tmp_path)
+    check_cpu_budget(ray_local.cluster_resources()["CPU"], 2, 1.0, s)
+    ds = build_dataset(s)
+    out = tmp_path / "counts"
+    out.mkdir()
+
+    def loop(config):  # a local function: pickled by value, the workers need not import this test module
+        import json
+        from pathlib import Path
+
+        import ray.train
+
+        from datasets_ray.pipeline import iter_train_batches
+
+        shard = ray.train.get_dataset_shard("train")
+        rows = images = 0
+        for batch in iter_train_batches(shard, micro_batch=2, epoch=0, seed=0, shuffle_buffer=4):
+            rows += batch["input_ids"].shape[0]
+            images += batch["image_sizes"].shape[0]
+        rank = ray.train.get_context().get_world_rank()
+        Path(config["out"], f"{rank}.json").write_text(json.dumps({"rows": rows, "images": images}))
+        ray.train.report({"rows": rows})
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+        datasets={"train": ds},
+        dataset_config=DataConfig(execution_options=ingest_options(s)),
+        run_config=RunConfig(name="pipeline-ingest", storage_path=str(tmp_path / "runs")),
+    )
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=trainer.fit()), daemon=True)
+    thread.start()
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "training + Ray Data did not finish in 300 s (CPU starvation?)"
+    assert "result" in outcome and outcome["result"].error is None
+    counts = [json.loads((out / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert [c["rows"] for c in counts] == [4, 4]  # equal shards
+    assert sum(c["images"] for c in counts) == 2 * (1 + 2 + 8 + 1)
+
+
+# ------------------------------------------------------------------------------------ bad records
+
+# case → (record, words the reason must contain)
+BAD_CASES = {
+    "truncated_image": (record("bad-truncated", ["bad/a.png"]), "truncated"),
+    "text_renamed_png": (record("bad-text", ["bad/b.png"]), "cannot identify image file"),
+    "decompression_bomb": (record("bad-bomb", ["bad/c.png"]), "decompression bomb"),
+    "sequence_too_long": (record("bad-long", ["train/demo-train-00000.0.png"], answer="red green blue " * 1200), "max_length"),
+}
+_SKIP_RUN: dict = {}
+
+
+@pytest.fixture
+def decode_skip_run(ray_local, pipe_root, tiny_ckpt, tmp_path_factory):
+    """One skip-mode run over 6 good records with the four bad ones mixed in (run once, shared)."""
+    if not _SKIP_RUN:
+        tmp = tmp_path_factory.mktemp("decode-skip")
+        good = demo_records(pipe_root, 6)
+        records = good[:2] + [BAD_CASES["truncated_image"][0], BAD_CASES["text_renamed_png"][0]] + good[2:4] \
+            + [BAD_CASES["decompression_bomb"][0], BAD_CASES["sequence_too_long"][0]] + good[4:]
+        write_jsonl(tmp / "train.jsonl", records)
+        s = settings_for(pipe_root, tiny_ckpt, [tmp / "train.jsonl"], tmp, on_bad_record="skip", preprocess_batch_size=2)
+        ids = [r["id"] for r in build_dataset(s).take_all()]
+        _SKIP_RUN.update(
+            file=str(tmp / "train.jsonl"), records=records, ids=ids,
+            report=quarantine_report(s.quarantine_dir), entries=read_quarantine(s.quarantine_dir, "train", "decode"),
+        )
+    return _SKIP_RUN
+
+
+def run_preprocessor_in_process(settings: DataSettings, path: Path) -> dict:
+    """The map_batches callable on one batch of manifest rows, called here as a Ray actor calls it."""
+    manifest = write_manifest(settings, [path], "train")
+    rows = [json.loads(t) for t in manifest.path.read_text().splitlines()]
+    batch = {k: np.asarray([r[k] for r in rows], dtype=object) for k in MANIFEST_COLUMNS}
+    return Phi3VPreprocessor(settings, "train")(batch)
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_decode_time_bad_record(case, decode_skip_run, pipe_root, tiny_ckpt, tmp_path, monkeypatch):
+    bad, words = BAD_CASES[case]
+    for name, obj in (("MAX_IMAGE_PIXELS", Image), ("LOAD_TRUNCATED_IMAGES", ImageFile)):
+        monkeypatch.setattr(obj, name, getattr(obj, name))  # the actor sets PIL's globals; restore them here
+
+    # fail: an error naming the jsonl file, line, record id and reason (Ray's wrapping: next test)
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, demo_records(pipe_root, 1) + [bad])
+    with pytest.raises(BadRecord) as err:
+        run_preprocessor_in_process(settings_for(pipe_root, tiny_ckpt, [path], tmp_path), path)
+    assert (err.value.path, err.value.line, err.value.record_id) == (str(path), 2, bad["id"])
+    assert words in err.value.reason
+
+    # skip: the record is quarantined with its reason, the rest arrive, good + bad == total
+    run = decode_skip_run
+    entries = [e for e in run["entries"] if e["id"] == bad["id"]]
+    assert len(entries) == 1 and words in entries[0]["reason"]
+    assert entries[0]["file"] == run["file"] and entries[0]["line"] == [r["id"] for r in run["records"]].index(bad["id"]) + 1
+    assert json.loads(entries[0]["raw"])["id"] == bad["id"]
+    assert bad["id"] not in run["ids"]
+    assert run["report"] == {"train.validate": 0, "train.decode": len(BAD_CASES)}
+    assert len(run["ids"]) + run["report"]["train.decode"] == len(run["records"])
+
+
+def test_decode_error_reaches_the_driver_through_ray(ray_local, pipe_root, tiny_ckpt, tmp_path):
+    bad, words = BAD_CASES["truncated_image"]
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, demo_records(pipe_root, 2) + [bad])
+    ds = build_dataset(settings_for(pipe_root, tiny_ckpt, [path], tmp_path, on_bad_record="fail"))
+    with pytest.raises(Exception) as err:
+        ds.take_all()
+    message = str(err.value)
+    assert f"{path}:3 (id={bad['id']})" in message and words in message
+
+
+def driver_bad_lines(root: Path) -> list[str]:
+    img = "train/demo-train-00000.0.png"
+    return [
+        json.dumps(record("ok-1", [img])),
+        '{"id": "broken", "source": "test", "conversations": [',  # malformed JSON
+        json.dumps({"id": "no-conv", "source": "test"}),  # missing field
+        json.dumps(record("missing-image", ["train/nope.png"])),
+        json.dumps(record("escapes-root", ["../demo.jsonl"])),
+        json.dumps(record("tags-mismatch", [img], user="<|image_2|>\nWhat colour?")),
+        json.dumps(record("empty-answer", [img], answer="  ")),
+        json.dumps(record("ok-1", [img])),  # duplicate id in the same file
+        json.dumps(record("ok-2", [img, "train/demo-train-00001.1.png"])),
+    ]
+
+
+def test_driver_side_bad_records_fail_with_file_and_line(pipe_root, tiny_ckpt, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(driver_bad_lines(pipe_root)) + "\n")
+    with pytest.raises(BadRecord) as err:
+        build_dataset(settings_for(pipe_root, tiny_ckpt, [path], tmp_path))
+    assert (err.value.path, err.value.line) == (str(path), 2) and "malformed JSON" in str(err.value)
+
+
+def test_driver_side_bad_records_are_quarantined_and_counted(ray_local, pipe_root, tiny_ckpt, tmp_path):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("\n".join(driver_bad_lines(pipe_root)) + "\n")
+    write_jsonl(second, [record("ok-2", ["train/demo-train-00002.0.png"]), record("ok-3", ["train/demo-train-00003.0.png"])])
+    s = settings_for(pipe_root, tiny_ckpt, [first, second], tmp_path, on_bad_record="skip")
+    ids = [r["id"] for r in build_dataset(s).take_all()]
+
+    assert ids == ["ok-1", "ok-2", "ok-3"]
+    entries = read_quarantine(s.quarantine_dir, "train", "validate")
+    where = {(Path(e["file"]).name, e["line"]) for e in entries}
+    assert where == {("a.jsonl", n) for n in range(2, 9)} | {("b.jsonl", 1)}  # the repeat of ok-2 in b.jsonl too
+    assert all(e["reason"] and "raw" in e for e in entries)
+    report = quarantine_report(s.quarantine_dir)
+    assert report == {"train.validate": 8}
+    assert len(ids) + report["train.validate"] == 9 + 2
