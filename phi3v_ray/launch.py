@@ -32,7 +32,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(runtime_env=env)
     else:
         cpus = num_cpus or max(LOCAL_MIN_CPUS, os.cpu_count() or 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env)
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
