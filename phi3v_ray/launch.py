@@ -47,7 +47,7 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
             print(f"[phi3v-ray] writing a tiny random checkpoint to {path}", flush=True)
             write_tiny_checkpoint(path, seed=0, num_crops=cfg.num_crops)
         changes["checkpoint"] = str(path)
-    if not cfg.train_file and cfg.name == "phi3v-demo":
+    if not (cfg.train_file or cfg.val_file or cfg.images_root) and cfg.name == "phi3v-demo":
         from datasets_ray.demo import make_demo_dataset
 
         data = root / "demo-data"

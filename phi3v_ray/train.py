@@ -248,6 +248,18 @@ def say(text: str) -> None:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    try:
+        _train_loop(loop_config)
+    except Exception as err:
+        # Ray truncates worker errors on the driver; a bad record's file, line and reason must not get lost.
+        text = str(err)
+        marker = text.rfind("BadRecord")
+        if marker >= 0:
+            say("stopped on a bad record: " + text[marker:marker + 1500].splitlines()[0])
+        raise
+
+
+def _train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
@@ -423,6 +435,9 @@ def _with_last(iterable):
     yield current, True
 
 
+_PLACEMENT_REPORTED = False
+
+
 def _report(cfg, plan, metrics, engine, state, history, rank, with_checkpoint: bool, final: bool = False) -> None:
     """Every worker calls this the same number of times; checkpoints merge the pieces each rank writes."""
     import ray.train
@@ -433,6 +448,11 @@ def _report(cfg, plan, metrics, engine, state, history, rank, with_checkpoint: b
         write_text(f"{plan.run_dir}/artifacts/metrics.jsonl", json.dumps(metrics) + "\n", append=True)
         _tensorboard(plan, metrics)
         _mlflow(plan, metrics)
+    global _PLACEMENT_REPORTED
+    if not _PLACEMENT_REPORTED:  # a worker's first report says where it runs (Tune sweeps check and release it)
+        where = ray.get_runtime_context()
+        metrics = {**metrics, "node_id": where.get_node_id(), "placement_group_id": where.get_placement_group_id()}
+        _PLACEMENT_REPORTED = True
     if not with_checkpoint:
         ray.train.report(metrics)
         return

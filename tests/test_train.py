@@ -139,3 +139,20 @@ def test_eval_and_export_of_a_lora_run(ray_local, tmp_path, demo_data, tiny_ckpt
     a, _ = generate_answers(in_memory, processor, rows, 6, torch.device("cpu"))
     b, _ = generate_answers(exported, processor, rows, 6, torch.device("cpu"))
     assert a == b
+
+
+def test_cli_eval_scores_a_checkpoint_on_the_val_file(ray_local, tmp_path, demo_data, tiny_ckpt):
+    from phi3v_ray.cli import main
+
+    args = ["eval", f"checkpoint={tiny_ckpt}", f"val_file={demo_data / 'val.jsonl'}",
+            f"images_root={demo_data / 'images'}", f"storage_path={tmp_path / 'runs'}", "name=ev",
+            "num_workers=2", "num_crops=1", "precision=fp32", "attention=sdpa", "max_new_tokens=2", "eval_batch=4",
+            "mode=full", "zero_stage=0"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "runs" / "ev" / "artifacts" / "eval" / "eval.json").read_text())
+    assert report["scores"]["val/n"] == 8
+    tasks = {p["task"] for p in report["predictions"]}
+    assert tasks == {"colour", "same_colour", "motion", "digit"}  # per-task scores need the task on every row
+    assert any(k.startswith("val/colour/") for k in report["scores"])
+    missing = ["eval", f"checkpoint={tiny_ckpt}", f"val_file={tmp_path / 'nonexistent.jsonl'}", f"storage_path={tmp_path}"]
+    assert main(missing) == 2  # config problems exit 2 before any worker starts
