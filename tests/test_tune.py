@@ -1,0 +1,309 @@
+"""Ray Tune sweeps: search spaces as data, concurrency from cluster resources, and real sweeps.
+
+The slow tests run real Ray Tune + Ray Train trials on the tiny checkpoint and the demo data: ASHA
+stopping poor trials, a sweep whose driver is SIGKILLed and restored, and trials placed by
+accelerator type on a heterogeneous (simulated) cluster.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from phi3v_ray.config import ConfigError, TrainConfig, load_config
+from tune_spaces.run import max_concurrent_trials, trial_bundles, trial_variants, base_config
+from tune_spaces.spaces import (DERIVED_KEYS, SPACES, SweepSpace, apply_sample, candidate_values, get_space, to_tune,
+                                validate_space)
+
+FIELDS = set(TrainConfig.__dataclass_fields__)
+
+
+def _overrides(tmp_path, demo_data, tiny_ckpt, **changes) -> dict:
+    """A trial of a few seconds: tiny model, one worker, 2 examples per step, no evaluation."""
+    return {
+        "storage_path": str(tmp_path / "runs"),
+        "checkpoint": str(tiny_ckpt),
+        "train_file": str(demo_data / "train.jsonl"),
+        "val_file": "",
+        "images_root": str(demo_data / "images"),
+        "num_crops": 1,
+        "precision": "fp32",
+        "attention": "sdpa",
+        "micro_batch": 2,
+        "grad_accum": 1,
+        "num_workers": 1,
+        "max_steps": 4,
+        "warmup_steps": 0,
+        "eval_before": False,
+        "max_failures": 0,
+        "preprocess_cpus": 0.5,
+        "log_every": 1,
+        **changes,
+    }
+
+
+# ----------------------------------------------------------------------------- spaces as data
+@pytest.mark.parametrize("name", sorted(SPACES))
+def test_every_named_space_validates_against_the_config(name, tmp_path):
+    space = get_space(name)
+    assert set(space.params) | set(space.settings) <= FIELDS | set(DERIVED_KEYS)
+    assert space.metric_mode in ("min", "max") and space.num_samples >= 1
+    base = load_config(space.preset, {"mode": space.mode, **space.settings})
+    if space.metric.startswith("val/"):  # ASHA's first rung falls on an evaluation
+        assert base.eval_every and space.grace_period % base.eval_every == 0 and not base.eval_before
+    # Every edge of every spec makes a config that passes the full validation (with stand-in data files).
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    files = {"train_file": str(data), "val_file": str(data), "images_root": str(tmp_path)}
+    for key, spec in space.params.items():
+        values, problem = candidate_values(spec)
+        assert problem is None, (key, problem)
+        for value in values:
+            apply_sample({**base.to_dict(), **files}, {key: value}).validate()
+    lr = space.params["lr"]["loguniform"]
+    if space.mode in ("full", "frozen_vision"):
+        assert 5e-6 <= lr[0] < lr[1] <= 5e-5  # SPEC §5: published 1e-5..2e-5
+    elif not name.startswith("demo"):
+        assert lr[0] < 2e-4 < lr[1]  # the recipe's LoRA learning rate sits inside
+        assert set(space.params["lora_rank"]["choice"]) <= set(range(8, 129))
+
+
+def test_specs_convert_to_tune_domains_and_alpha_follows_rank():
+    from ray.tune.search.sample import Categorical, Float
+
+    domains = to_tune(get_space("docvqa-lora").params)
+    assert isinstance(domains["lr"], Float) and isinstance(domains["lora_rank"], Categorical)
+    lrs = [domains["lr"].sample() for _ in range(200)]
+    assert all(5e-5 <= x <= 1e-3 for x in lrs) and min(lrs) < 1e-4 < max(lrs)
+    assert to_tune({"accelerator_type": {"grid": ["H100", "L4"]}})["accelerator_type"] == {"grid_search": ["H100", "L4"]}
+    cfg = apply_sample(TrainConfig().to_dict(), {"lora_rank": 32, "lora_alpha_ratio": 0.5, "lr": 3e-4})
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lr) == (32, 16.0, 3e-4)  # the published DocVQA r32 α16
+
+
+def test_a_bad_space_lists_every_problem(tmp_path):
+    bad = SweepSpace(name="bad", preset="nlvr2", mode="lora", metric="val/bleu", metric_mode="up", num_samples=1,
+                     params={"lr": {"loguniform": [1e-3, 1e-5]}, "lora_rnak": {"choice": [8]},
+                             "num_crops": {"choice": [4, 32]}, "lora_alpha": 16, "lora_alpha_ratio": 2})
+    with pytest.raises(ConfigError) as err:
+        validate_space(bad)
+    text = str(err.value)
+    for expected in ("mode='lora'", "metric='val/bleu'", "metric_mode='up'", "low < high", "'lora_rnak'",
+                     "num_crops=32", "not both"):
+        assert expected in text, expected
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("preset: demo\nmode: full\nmetric: loss\nmetric_mode: min\nnum_samples: 2\n"
+                    "params:\n  lr: {loguniform: [1.0e-4, 1.0e-2]}\n  micro_batch: {choice: [2, 4]}\n")
+    space = get_space(str(path))
+    assert space.name == "mine" and space.params["micro_batch"] == {"choice": [2, 4]}
+
+
+def test_concurrency_follows_what_one_trial_asks_for_and_what_the_nodes_hold():
+    cpu = TrainConfig(num_workers=1, cpus_per_worker=1, preprocess_cpus=0.5)
+    # 1 CPU worker + 0.5 preprocessing + 0.25 read + 0.01 driver = 1.76 CPUs per trial.
+    assert max_concurrent_trials([cpu], [{"CPU": 4}], limit=10) == 2
+    assert max_concurrent_trials([cpu], [{"CPU": 4}], limit=1) == 1
+    assert max_concurrent_trials([cpu.replace(val_file="v.jsonl")], [{"CPU": 4}], limit=10) == 1  # val pool too
+    assert max_concurrent_trials([cpu.replace(num_workers=8)], [{"CPU": 4}], limit=10) == 1  # never less than 1
+
+    h100 = TrainConfig(num_workers=4, use_gpu=True, accelerator_type="H100", cpus_per_worker=8)
+    l4 = h100.replace(accelerator_type="L4", num_workers=2)
+    nodes = [{"CPU": 16}] + [{"CPU": 96, "GPU": 8, "accelerator_type:H100": 1}] * 2 + [{"CPU": 48, "GPU": 4, "accelerator_type:L4": 1}]
+    assert trial_bundles(h100)[0] == {"CPU": 8, "GPU": 1, "accelerator_type:H100": 0.001}
+    assert max_concurrent_trials([h100], nodes, limit=64) == 4  # 16 H100s / 4 per trial
+    assert max_concurrent_trials([l4], nodes, limit=64) == 2
+    assert max_concurrent_trials([h100, l4], nodes, limit=64) == 6  # a space sampling the accelerator uses both pools
+    pooled = TrainConfig(num_workers=2, worker_resource="h100_pool")
+    assert max_concurrent_trials([pooled], [{"CPU": 32, "h100_pool": 3}], limit=64) == 1
+
+
+def test_sampled_accelerator_types_each_get_a_config(tmp_path, demo_data, tiny_ckpt):
+    space = SweepSpace(name="mixed", preset="demo", mode="lora", metric="loss", metric_mode="min", num_samples=1,
+                       params={"lr": {"loguniform": [1e-4, 1e-2]}, "accelerator_type": {"grid": ["H100", "L4"]}})
+    variants = trial_variants(space, base_config(space, _overrides(tmp_path, demo_data, tiny_ckpt)))
+    assert [v.accelerator_type for v in variants] == ["H100", "L4"]
+
+
+def test_optuna_searcher_learns_only_from_reports_that_carry_the_metric():
+    from tune_spaces.run import _optuna_search
+
+    space = get_space("hateful_memes-lora")
+    searcher = _optuna_search(seed=0, concurrency=2)
+    assert searcher.set_search_properties(space.metric, space.metric_mode, to_tune(space.params))
+    config = searcher.suggest("t1")
+    assert 5e-5 <= config["lr"] <= 1e-3 and config["lora_rank"] in (8, 16, 32, 64, 128)
+    searcher.on_trial_result("t1", {"step": 1, "loss": 2.0, "training_iteration": 1})  # a training report: no metric
+    searcher.on_trial_result("t1", {"step": 100, "val/accuracy": 0.6, "training_iteration": 2})
+    searcher.on_trial_complete("t1", {"step": 200, "loss": 1.0, "val/accuracy": 0.7, "training_iteration": 3})
+
+
+def test_cli_lists_the_spaces(capsys):
+    from phi3v_ray.cli import main
+
+    assert main(["tune", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SPACES)
+
+
+# ----------------------------------------------------------------------------- real sweeps
+@pytest.mark.slow
+def test_asha_stops_poor_trials_and_the_best_config_trains(ray_local, tmp_path, demo_data, tiny_ckpt):
+    from ray.util.placement_group import placement_group_table
+
+    from phi3v_ray.launch import run_training
+    from tune_spaces.run import run_sweep
+
+    # lr alternates good/bad (grid order: 5e-3, 1e-6, 5e-3, 1e-6), rank is sampled. At step 2 (the rung) the
+    # 1e-6 trials have clearly higher loss; with 2 trials at a time, whichever of a pair reaches the
+    # step-2 rung second is compared with the first, and the later pair sees both: a 1e-6 trial that
+    # arrives after a 5e-3 one is always below the cutoff (the median), so at least one stops at step 2.
+    space = SweepSpace(name="asha", preset="demo", mode="lora", metric="loss", metric_mode="min", num_samples=2,
+                       params={"lr": {"grid": [5e-3, 1e-6]}, "lora_rank": {"choice": [4, 8]}, "lora_alpha_ratio": 2},
+                       grace_period=2, reduction_factor=2)
+    t0 = time.time()
+    grid = run_sweep(space, overrides=_overrides(tmp_path, demo_data, tiny_ckpt, max_steps=3), name="asha", verbose=0)
+    print(f"asha sweep: {time.time() - t0:.0f} s")
+
+    assert len(grid) == 4 and grid.num_errors == 0
+    steps = {r.metrics["trial_id"]: r.metrics["step"] for r in grid}
+    stopped = [r for r in grid if r.metrics["step"] < 3]
+    assert stopped, steps
+    assert all(r.metrics["training_iteration"] == r.metrics["step"] for r in grid)  # one report per step
+    assert all(r.config["lr"] == 1e-6 for r in stopped), steps  # only the poor learning rate is stopped
+    # Stopped trials' worker placement groups were released (their controllers never got to it).
+    groups = {g for r in grid for g in r.metrics_dataframe["placement_group_id"].dropna()}
+    assert len(groups) == 4 and all(placement_group_table()[g]["state"] == "REMOVED" for g in groups)
+
+    exp = tmp_path / "runs" / "asha"
+    rows = list(csv.DictReader((exp / "results.csv").open()))
+    assert len(rows) == 4 and {r["status"] for r in rows} >= {"DONE", "STOPPED"}
+    assert {"lr", "lora_rank", "lora_alpha", "loss", "step"} <= set(rows[0])
+    assert (exp / "sweep.png").stat().st_size > 1000
+
+    best = load_config(str(exp / "best_config.yaml"))
+    assert best.lr == 5e-3 and best.lora_alpha == 2 * best.lora_rank and best.name == "asha-best"
+    result = run_training(best.replace(max_steps=1, storage_path=str(tmp_path / "best")), start_ray=False)
+    assert json.loads((Path(result.checkpoint.path) / "train_state.json").read_text())["state"]["step"] == 1
+
+
+def _trial_status(exp_dir: Path) -> dict[str, str]:
+    """trial id → status in Tune's latest experiment snapshot (empty while none is written)."""
+    states = sorted(glob.glob(str(exp_dir / "experiment_state-*.json")))
+    if not states:
+        return {}
+    try:
+        data = json.loads(Path(states[-1]).read_text())
+    except (OSError, ValueError):  # caught mid-write
+        return {}
+    trials = [json.loads(t[0]) if isinstance(t[0], str) else t[0] for t in data["trial_data"]]
+    return {t["trial_id"]: t["status"] for t in trials}
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_local, tmp_path, demo_data, tiny_ckpt):
+    from tune_spaces.run import run_sweep, trial_events
+
+    # Two trials at once: a 1-step one and a 6-step one. The driver is killed once Tune's snapshot
+    # shows the short one finished, while the long one is still training.
+    space = {"name": "resume", "preset": "demo", "mode": "lora", "metric": "loss", "metric_mode": "min",
+             "num_samples": 1, "params": {"max_steps": {"grid": [1, 6]}, "lr": 1e-3, "lora_rank": 4}}
+    overrides = _overrides(tmp_path, demo_data, tiny_ckpt)
+    script = tmp_path / "sweep.py"
+    script.write_text(
+        "import json, sys\n"
+        "from tune_spaces.run import run_sweep\n"
+        "from tune_spaces.spaces import SweepSpace\n"
+        "run_sweep(SweepSpace(**json.loads(sys.argv[1])), scheduler='none', overrides=json.loads(sys.argv[2]),\n"
+        "          name='resume', verbose=0)\n"
+    )
+    # The driver joins the shared local Ray (this process's environment carries its auth mode);
+    # when the driver dies, Ray ends its job's trial actors, trainers and workers.
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    exp = tmp_path / "runs" / "resume"
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, str(script), json.dumps(space), json.dumps(overrides)],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and "TERMINATED" not in _trial_status(exp).values():
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            time.sleep(0.5)
+        at_kill = _trial_status(exp)
+        os.kill(driver.pid, signal.SIGKILL)  # the sweep's driver dies with one trial finished and one training
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    finished = {t for t, s in at_kill.items() if s == "TERMINATED"}
+    assert len(finished) == 1 and len(at_kill) == 2, at_kill
+
+    time.sleep(3)  # let Ray end the dead driver's actors
+    t0 = time.time()
+    grid = run_sweep(SweepSpace(**space), scheduler="none", overrides=overrides, name="resume", verbose=0)
+    print(f"restored sweep: {time.time() - t0:.0f} s")
+
+    assert len(grid) == 2 and grid.num_errors == 0
+    assert {r.metrics["trial_id"] for r in grid} == set(at_kill)
+    assert sorted(r.metrics["step"] for r in grid) == [1, 6]
+    train_runs = str(exp / "train_runs")
+    starts = {t: sum(e["event"] == "start" for e in trial_events(train_runs, t)) for t in at_kill}
+    assert all(starts[t] == (1 if t in finished else 2) for t in at_kill), starts  # only the unfinished one re-ran
+    rows = list(csv.DictReader((exp / "results.csv").open()))
+    assert {r["status"] for r in rows} == {"DONE"}
+
+
+@pytest.mark.slow
+def test_trials_land_on_the_accelerator_they_ask_for_and_impossible_ones_fail_fast(tmp_path, demo_data, tiny_ckpt):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from phi3v_ray.launch import ClusterCannotFit
+    from tune_spaces.run import run_sweep
+
+    ray.shutdown()  # this test brings its own cluster; the shared one restarts lazily afterwards
+    env = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    try:
+        h100 = cluster.add_node(num_cpus=2, resources={"accelerator_type:H100": 1})
+        l4 = cluster.add_node(num_cpus=2, resources={"accelerator_type:L4": 1})
+        ray.init(address=cluster.address, runtime_env=env, log_to_driver=False)
+        cluster.wait_for_nodes()
+        kinds = {h100.node_id: "H100", l4.node_id: "L4"}
+
+        def space(accelerators):
+            return SweepSpace(name="pools", preset="demo", mode="lora", metric="loss", metric_mode="min", num_samples=1,
+                              params={"accelerator_type": {"grid": accelerators}, "lr": 1e-3, "lora_rank": 4})
+
+        overrides = _overrides(tmp_path, demo_data, tiny_ckpt, max_steps=1)
+
+        # The whole sweep refuses at once when one of its trials asks for a type no node has.
+        t0 = time.time()
+        with pytest.raises(ClusterCannotFit, match="A100") as err:
+            run_sweep(space(["H100", "A100"]), scheduler="none", overrides=overrides, name="refused", verbose=0)
+        assert time.time() - t0 < 30 and "accelerator_type:H100" in str(err.value)
+
+        # Without the driver's check, that trial fails by itself with the reason; the others run where they asked.
+        t0 = time.time()
+        grid = run_sweep(space(["H100", "L4", "A100"]), scheduler="none", overrides=overrides, name="pools",
+                         precheck=False, verbose=0)
+        print(f"heterogeneous sweep: {time.time() - t0:.0f} s")
+        by_type = {r.config["accelerator_type"]: r for r in grid}
+        assert "ClusterCannotFit" in str(by_type["A100"].error) and "A100" in str(by_type["A100"].error)
+        for kind in ("H100", "L4"):
+            result = by_type[kind]
+            assert result.error is None and result.metrics["step"] == 1
+            node_id = result.metrics_dataframe["node_id"].dropna().iloc[0]
+            assert kinds.get(node_id) == kind, (kind, node_id, kinds)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
