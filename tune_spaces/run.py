@@ -158,13 +158,7 @@ def preflight(variants: list[TrainConfig]) -> None:
 
 def trial_bundles(cfg: TrainConfig) -> list[dict[str, float]]:
     """Everything one trial holds while it trains: workers, preprocessing actors, a read task, its driver."""
-    worker = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        worker["GPU"] = 1
-    if cfg.accelerator_type:
-        worker[f"accelerator_type:{cfg.accelerator_type}"] = 0.001
-    if cfg.worker_resource:
-        worker[cfg.worker_resource] = 1
+    worker = cfg.worker_resources()
     pinned = {cfg.data_node_resource: 0.001} if cfg.data_node_resource else {}
     datasets = 2 if cfg.val_file else 1  # train and val each run their own actor pool
     data = [{"CPU": cfg.preprocess_cpus, **pinned}] * (cfg.preprocess_actors * datasets)
