@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from phi3v_ray.model import Phi3VConfig, Phi3VForCausalLM  # noqa: E402
 from phi3v_ray.modes import Mode, LoraSettings, apply_mode, count_parameters, enable_gradient_checkpointing  # noqa: E402
-from phi3v_ray.processor import CROP, Phi3VImageProcessor, hd_scale, tokens_per_image  # noqa: E402
+from phi3v_ray.processor import CROP, hd_scale, tokens_per_image  # noqa: E402
 
 # Dense bf16 peak FLOP/s (no sparsity) by card name fragment.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import io
 import os
 import shutil
@@ -121,3 +122,20 @@ def iter_parquet_rows(path: Path, columns: list[str] | None = None) -> Iterator[
 def tags(n: int) -> str:
     """`<|image_1|>...<|image_n|>` followed by a newline (empty string for no images)."""
     return "".join(f"<|image_{k}|>" for k in range(1, n + 1)) + ("\n" if n else "")
+
+
+def read_raw_jsonl(path: Path, required: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
+    """(where, item) for each non-blank line of a raw jsonl file; malformed lines and missing fields raise."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConversionError(f"{where}: malformed JSON ({e.msg})") from None
+            for field in required:
+                if field not in item:
+                    raise ConversionError(f"{where}: missing field '{field}'")
+            yield where, item

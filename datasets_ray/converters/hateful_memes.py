@@ -11,11 +11,10 @@ The question is the recipe's, without the meme text (the text is part of the ima
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..schema import write_jsonl
-from ._common import ConversionError, as_mapping, link_or_copy, require_file, safe_rel
+from ._common import ConversionError, as_mapping, link_or_copy, read_raw_jsonl, require_file, safe_rel
 
 QUESTION = "Is this meme hateful? Answer yes or no."
 DEFAULT_SPLITS = {"train": "train", "val": "dev_seen", "test": "test_seen"}
@@ -29,31 +28,20 @@ def convert_hateful_memes(src: Path, out: Path, *, splits=None) -> dict[str, int
     for split, raw in mapping.items():
         path = require_file(src / f"{raw}.jsonl", f"Hateful Memes split file for {split!r}")
         records = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConversionError(f"{where}: malformed JSON ({e.msg})") from None
-                for field in ("id", "img", "label"):
-                    if field not in item:
-                        raise ConversionError(f"{where}: missing field '{field}'")
-                if item["label"] not in (0, 1):
-                    raise ConversionError(f"{where}: label must be 0 or 1, got {item['label']!r}")
-                rel = safe_rel(item["img"], where)
-                image = require_file(src / rel, f"image {rel!r} named at {where}")
-                link_or_copy(image, out / "images" / rel)
-                records.append({
-                    "id": str(item["id"]),
-                    "source": "hateful_memes",
-                    "conversations": [{
-                        "images": [rel],
-                        "user": "<|image_1|>\n" + QUESTION,
-                        "assistant": "yes" if item["label"] == 1 else "no",
-                    }],
-                })
+        for where, item in read_raw_jsonl(path, ("id", "img", "label")):
+            if item["label"] not in (0, 1):
+                raise ConversionError(f"{where}: label must be 0 or 1, got {item['label']!r}")
+            rel = safe_rel(item["img"], where)
+            image = require_file(src / rel, f"image {rel!r} named at {where}")
+            link_or_copy(image, out / "images" / rel)
+            records.append({
+                "id": str(item["id"]),
+                "source": "hateful_memes",
+                "conversations": [{
+                    "images": [rel],
+                    "user": "<|image_1|>\n" + QUESTION,
+                    "assistant": "yes" if item["label"] == 1 else "no",
+                }],
+            })
         counts[split] = write_jsonl(out / f"{split}.jsonl", records)
     return counts

@@ -14,11 +14,10 @@ Record: "<|image_1|><|image_2|>\\n{sentence} Answer yes or no." -> "yes" / "no".
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..schema import write_jsonl
-from ._common import ConversionError, as_mapping, link_or_copy
+from ._common import ConversionError, as_mapping, link_or_copy, read_raw_jsonl
 
 DEFAULT_SPLITS = {"train": "train", "val": "dev", "test": "test1"}
 LABELS = {"true": "yes", "false": "no"}
@@ -57,41 +56,30 @@ def convert_nlvr2(
     for split, raw in mapping.items():
         path = _find_json(src, raw)
         records, missing = [], 0
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
+        for where, item in read_raw_jsonl(path, ("identifier", "sentence", "label")):
+            answer = LABELS.get(str(item["label"]).lower())
+            if answer is None:
+                raise ConversionError(f"{where}: label must be True or False, got {item['label']!r}")
+            pair = _image_pair(item, raw, images_dir)
+            if pair is None:
+                if skip_missing_images:
+                    missing += 1
                     continue
-                where = f"{path}:{line_no}"
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConversionError(f"{where}: malformed JSON ({e.msg})") from None
-                for field in ("identifier", "sentence", "label"):
-                    if field not in item:
-                        raise ConversionError(f"{where}: missing field '{field}'")
-                answer = LABELS.get(str(item["label"]).lower())
-                if answer is None:
-                    raise ConversionError(f"{where}: label must be True or False, got {item['label']!r}")
-                pair = _image_pair(item, raw, images_dir)
-                if pair is None:
-                    if skip_missing_images:
-                        missing += 1
-                        continue
-                    raise ConversionError(
-                        f"{where}: images for {item['identifier']} not found under {images_dir / raw}"
-                    )
-                rels = [f"{raw}/{p.name}" for p in pair]
-                for p, rel in zip(pair, rels):
-                    link_or_copy(p, out / "images" / rel)
-                records.append({
-                    "id": item["identifier"],
-                    "source": "nlvr2",
-                    "conversations": [{
-                        "images": rels,
-                        "user": f"<|image_1|><|image_2|>\n{item['sentence']} Answer yes or no.",
-                        "assistant": answer,
-                    }],
-                })
+                raise ConversionError(
+                    f"{where}: images for {item['identifier']} not found under {images_dir / raw}"
+                )
+            rels = [f"{raw}/{p.name}" for p in pair]
+            for p, rel in zip(pair, rels):
+                link_or_copy(p, out / "images" / rel)
+            records.append({
+                "id": item["identifier"],
+                "source": "nlvr2",
+                "conversations": [{
+                    "images": rels,
+                    "user": f"<|image_1|><|image_2|>\n{item['sentence']} Answer yes or no.",
+                    "assistant": answer,
+                }],
+            })
         if missing:
             print(f"nlvr2: {split}: skipped {missing} example(s) whose images are missing")
         counts[split] = write_jsonl(out / f"{split}.jsonl", records)

@@ -15,7 +15,6 @@ UCF-101 groups are shared by all classes, as in the official split protocol.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
