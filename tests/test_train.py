@@ -105,7 +105,7 @@ def test_killed_worker_recovers_from_its_last_checkpoint(ray_local, tmp_path, de
 def test_eval_and_export_of_a_lora_run(ray_local, tmp_path, demo_data, tiny_ckpt):
     from peft import PeftModel
 
-    from phi3v_ray.evaluate import generate_answers, prompt_row
+    from phi3v_ray.evaluate import generate_answers
     from phi3v_ray.examples import build_generation_prompt
     from phi3v_ray.export import export
     from phi3v_ray.model import Phi3VForCausalLM
@@ -119,7 +119,6 @@ def test_eval_and_export_of_a_lora_run(ray_local, tmp_path, demo_data, tiny_ckpt
         report = json.loads((artifacts / "eval" / f"{tag}.json").read_text())
         assert report["scores"]["val/n"] == 8 and len(report["predictions"]) == 8
         assert {"prediction", "answers", "p_yes", "id"} <= set(report["predictions"][0])
-    assert (artifacts / "loss_curve.png").is_file() or True  # plotted by the CLI summary
 
     adapter_dir = Path(result.checkpoint.path) / "adapter"
     in_memory = PeftModel.from_pretrained(Phi3VForCausalLM.from_pretrained(tiny_ckpt), adapter_dir).eval()
