@@ -119,6 +119,8 @@ def test_eval_and_export_of_a_lora_run(ray_local, tmp_path, demo_data, tiny_ckpt
         report = json.loads((artifacts / "eval" / f"{tag}.json").read_text())
         assert report["scores"]["val/n"] == 8 and len(report["predictions"]) == 8
         assert {"prediction", "answers", "p_yes", "id"} <= set(report["predictions"][0])
+    assert (artifacts / "loss_curve.png").is_file()
+    assert (artifacts / "tensorboard").is_dir()
 
     adapter_dir = Path(result.checkpoint.path) / "adapter"
     in_memory = PeftModel.from_pretrained(Phi3VForCausalLM.from_pretrained(tiny_ckpt), adapter_dir).eval()
