@@ -191,8 +191,13 @@ class Engine:
             self.module.save_checkpoint(str(directory), tag="deepspeed")  # every rank writes its optimizer shard
             return
         if rank == 0:
-            trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
-            torch.save(trainable, directory / "trainable.pt")
+            if self.cfg.mode_enum.uses_lora:
+                self.model.save_pretrained(directory / "adapter", safe_serialization=True)  # PEFT format, adapters only
+            else:
+                from safetensors.torch import save_file
+
+                trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+                save_file(trainable, str(directory / "trainable.safetensors"))
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "scaler": self.scaler.state_dict()}, directory / "optimizer.pt")
 
@@ -200,12 +205,18 @@ class Engine:
         if self.deepspeed:
             self.module.load_checkpoint(str(directory), tag="deepspeed")
             return
-        # Files written by this code (tensors and plain containers only), so weights_only loading suffices.
-        trainable = torch.load(directory / "trainable.pt", map_location="cpu", weights_only=True)
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in trainable.items():
-                params[name].copy_(value)
+        from safetensors.torch import load_file
+
+        if (directory / "adapter").is_dir():
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, load_file(str(directory / "adapter" / "adapter_model.safetensors")))
+        else:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, value in load_file(str(directory / "trainable.safetensors")).items():
+                    params[name].copy_(value)
+        # Optimizer state is written by this code (tensors and plain containers), so weights_only loading suffices.
         state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -473,7 +484,8 @@ def export_weights(model, cfg: TrainConfig, plan: Plan, directory: Path) -> None
     """Final weights: official safetensors layout for full runs, PEFT adapter for LoRA/QLoRA."""
     if cfg.mode_enum.uses_lora:
         target = directory / "adapter"
-        model.save_pretrained(target, safe_serialization=True)
+        if not target.is_dir():  # DDP checkpoints already hold it
+            model.save_pretrained(target, safe_serialization=True)
     else:
         target = directory / "model"
         model.save_pretrained(target, safe_serialization=True)
