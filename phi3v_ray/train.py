@@ -154,19 +154,20 @@ class Engine:
         self.scaler = torch.amp.GradScaler(init_scale=2.0**16, enabled=not self.deepspeed and hw.precision == "fp16"
                                            and device.type == "cuda")
 
-    def forward_backward(self, batch: dict, boundary: bool) -> float:
+    def forward_backward(self, batch: dict, boundary: bool) -> torch.Tensor:
+        """Returns the detached loss on the device: reading it here would sync the GPU every micro batch."""
         batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         if self.deepspeed:
             self.module.set_gradient_accumulation_boundary(boundary)
             loss = self.module(**batch, loss_only=True).loss
             self.module.backward(loss)
-            return float(loss.detach())
+            return loss.detach()
         sync = boundary or not hasattr(self.module, "no_sync")
         ctx = self.module.no_sync() if not sync else _nullcontext()
         with ctx, torch.autocast(self.device.type, dtype=DTYPES[self.hw.precision], enabled=self.autocast):
             loss = self.module(**batch, loss_only=True).loss
             self.scaler.scale(loss / self.cfg.accumulation).backward()
-        return float(loss.detach())
+        return loss.detach()
 
     def step(self) -> float:
         """Clip, step, schedule; returns the gradient norm before clipping."""
@@ -386,14 +387,15 @@ class _Window:
     def reset(self):
         self.losses, self.tokens, self.images, self.t0 = [], 0, 0, time.perf_counter()
 
-    def add(self, loss: float, tokens: int, images: int):
+    def add(self, loss: torch.Tensor, tokens: int, images: int):
         self.losses.append(loss)
         self.tokens += tokens
         self.images += images
 
     def flush(self, state: TrainState, lr: float, grad_norm: float, world: int, device) -> dict:
         elapsed = time.perf_counter() - self.t0
-        sums = torch.tensor([sum(self.losses), len(self.losses), self.tokens, self.images], dtype=torch.float64)
+        loss_sum = float(torch.stack(self.losses).double().sum()) if self.losses else 0.0  # the one sync per report
+        sums = torch.tensor([loss_sum, len(self.losses), self.tokens, self.images], dtype=torch.float64)
         if world > 1:
             sums = sums.to(device if device.type == "cuda" else "cpu")
             dist.all_reduce(sums)
