@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Full-size step benchmark on one GPU: the official config with random weights, several modes.
 # Usage: bash bench/gpu_step_suite.sh CONFIG_JSON OUT_JSONL
+#   CONFIG_JSON: the official config ships as phi3v_ray/model/official_config.json
 # Each configuration runs in its own process so an out-of-memory case cannot sink the others.
 set -u
 CONFIG=${1:?official config.json}

@@ -31,35 +31,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image  # noqa: E402
 
 from datasets_ray.demo import make_demo_dataset  # noqa: E402
-from datasets_ray.pipeline import DataSettings, build_dataset, iter_train_batches, recommended_ray_init_cpus  # noqa: E402
+from datasets_ray.pipeline import DataPaths, build_dataset, recommended_ray_init_cpus  # noqa: E402
 from datasets_ray.schema import iter_jsonl  # noqa: E402
-from phi3v_ray.collate import collate  # noqa: E402
+from phi3v_ray.collate import collate, iter_train_batches  # noqa: E402
+from phi3v_ray.config import DataConfig  # noqa: E402
 from phi3v_ray.examples import build_example  # noqa: E402
 from phi3v_ray.processor import Phi3VProcessor  # noqa: E402
 from phi3v_ray.tiny import write_tiny_checkpoint  # noqa: E402
 
 
-def run_plain(settings: DataSettings, micro_batch: int, torch_threads: int) -> dict:
+def run_plain(data: DataConfig, paths: DataPaths, micro_batch: int, torch_threads: int) -> dict:
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads)
     try:
-        return _run_plain(settings, micro_batch)
+        return _run_plain(data, paths, micro_batch)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_plain(settings: DataSettings, micro_batch: int) -> dict:
+def _run_plain(data: DataConfig, paths: DataPaths, micro_batch: int) -> dict:
     t0 = time.perf_counter()
-    processor = Phi3VProcessor.from_pretrained(settings.processor_dir, num_crops=settings.num_crops)
+    processor = Phi3VProcessor.from_pretrained(paths.processor_dir, num_crops=data.num_crops)
     t_load = time.perf_counter()
-    root = Path(settings.images_root)
-    records = [json.loads(text) for _, text in iter_jsonl(settings.train_files[0])]
+    root = Path(data.images_root)
+    records = [json.loads(text) for _, text in iter_jsonl(data.train_file)]
     rows, n, t_first = [], 0, None
     for rec in records:
         images = [Image.open(root / rel).convert("RGB") for turn in rec["conversations"] for rel in turn["images"]]
-        ex = build_example(processor, rec["conversations"], images, max_length=settings.max_length)
+        ex = build_example(processor, rec["conversations"], images, max_length=data.max_length)
         rows.append({"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": ex.pixel_values, "image_sizes": ex.image_sizes})
         if len(rows) == micro_batch:
             collate(rows)
@@ -73,9 +74,9 @@ def _run_plain(settings: DataSettings, micro_batch: int) -> dict:
     return _timings("plain", n, n - micro_batch, t0, t_first or t_end, t_end, startup_s=t_load - t0)
 
 
-def run_ray(settings: DataSettings, micro_batch: int) -> dict:
+def run_ray(data: DataConfig, paths: DataPaths, micro_batch: int) -> dict:
     t0 = time.perf_counter()
-    ds = build_dataset(settings)
+    ds = build_dataset(data, paths)
     n = n_first = 0
     t_first = None
     for batch in iter_train_batches(ds, micro_batch=micro_batch, epoch=0, seed=0, shuffle_buffer=None):
@@ -83,7 +84,7 @@ def run_ray(settings: DataSettings, micro_batch: int) -> dict:
         if t_first is None:
             t_first, n_first = time.perf_counter(), n
     t_end = time.perf_counter()
-    return _timings(f"ray {settings.max_actors}x{settings.num_cpus_per_actor:g}cpu", n, n - n_first, t0, t_first, t_end)
+    return _timings(f"ray {data.actor_pool[1]}x{data.preprocess_cpus:g}cpu", n, n - n_first, t0, t_first, t_end)
 
 
 def _timings(name, n, n_after_first, t0, t_first, t_end, startup_s=None) -> dict:
@@ -111,26 +112,26 @@ def main(argv=None) -> None:
     import ray
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-pipeline-"))
-    ckpt, data = work / "ckpt", work / "data"
+    ckpt, demo = work / "ckpt", work / "data"
     if not (ckpt / "tokenizer.json").is_file():
         write_tiny_checkpoint(ckpt, num_crops=args.num_crops)
-    if not (data / "train.jsonl").is_file() or sum(1 for _ in iter_jsonl(data / "train.jsonl")) != args.records:
-        make_demo_dataset(data, n_train=args.records, n_val=0, n_test=0)
+    if not (demo / "train.jsonl").is_file() or sum(1 for _ in iter_jsonl(demo / "train.jsonl")) != args.records:
+        make_demo_dataset(demo, n_train=args.records, n_val=0, n_test=0)
     actors = [int(a) for a in args.actors.split(",")]
+    paths = DataPaths(processor_dir=str(ckpt), work_dir=str(work / "manifests"))
 
-    def settings(n_actors: int) -> DataSettings:
-        return DataSettings(
-            train_files=[str(data / "train.jsonl")], images_root=str(data / "images"), processor_dir=str(ckpt),
-            num_crops=args.num_crops, work_dir=str(work / "manifests"), preprocess_concurrency=n_actors,
-            num_cpus_per_actor=1.0, preprocess_batch_size=args.batch_size,
+    def data_config(n_actors: int) -> DataConfig:
+        return DataConfig(
+            train_file=str(demo / "train.jsonl"), images_root=str(demo / "images"), num_crops=args.num_crops,
+            preprocess_actors=n_actors, preprocess_cpus=1.0, preprocess_batch_size=args.batch_size,
         )
 
-    results = [run_plain(settings(1), args.micro_batch, args.torch_threads)]  # also warms the page cache for the images
+    results = [run_plain(data_config(1), paths, args.micro_batch, args.torch_threads)]  # also warms the page cache
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=recommended_ray_init_cpus(0, 0, settings(max(actors))), include_dashboard=False,
+    ray.init(num_cpus=recommended_ray_init_cpus(0, 0, data_config(max(actors))), include_dashboard=False,
              log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     for n in actors:
-        results.append(run_ray(settings(n), args.micro_batch))
+        results.append(run_ray(data_config(n), paths, args.micro_batch))
     ray.shutdown()
 
     print(f"\n{args.records} demo records, num_crops {args.num_crops}, micro batch {args.micro_batch}, "

@@ -2,7 +2,8 @@
 
 Runs without Ray or DeepSpeed (one process, plain torch AdamW), so it measures the model and the
 mode, not the cluster. Weights are random: `--config` takes either a checkpoint directory (e.g. a
-tiny one from `phi3v-ray tiny`) or a bare config.json such as the official one.
+tiny one from `phi3v-ray tiny`) or a bare config.json; the default is the official Phi-3.5-vision
+config.json that ships with the package (phi3v_ray/model/official_config.json).
 
 Each sample is a DocVQA-shaped page: one W×H image at --num-crops plus --text-tokens of text, the
 last --answer-tokens of which are supervised. A 1700×2200 page at 16 crops is 2509 image tokens
@@ -16,8 +17,8 @@ with N the tower's matmul parameters, L layers, d width, T attended length (LM: 
 CLIP: 577 per crop, bidirectional). LoRA adapters' own FLOPs are ignored (≪ 1%).
 
     python bench/step.py --config runs/tiny --mode full --micro-batch 2 --steps 3          # CPU, tiny
-    python bench/step.py --config ../shared/reference/phi-3.5-vision-instruct.config.json \\
-        --device cuda --precision bf16 --mode full --micro-batch 4 --out bench/results/x.json  # GPU
+    python bench/step.py --device cuda --precision bf16 --mode full --micro-batch 4 \\
+        --out bench/results/x.json                                                # GPU, official config
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from phi3v_ray.constants import BOS_ID, CROP_SIZE, IGNORE_INDEX  # noqa: E402
 from phi3v_ray.model import Phi3VConfig, Phi3VForCausalLM  # noqa: E402
+from phi3v_ray.model.configuration import official_config_path  # noqa: E402
 from phi3v_ray.modes import Mode, LoraSettings, apply_mode, count_parameters, enable_gradient_checkpointing  # noqa: E402
-from phi3v_ray.processor import CROP, hd_scale, tokens_per_image  # noqa: E402
+from phi3v_ray.processor import hd_scale, tokens_per_image  # noqa: E402
 
 # Dense bf16 peak FLOP/s (no sparsity) by card name fragment.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
@@ -45,8 +48,8 @@ def image_hd_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
     """Padded HD (H, W) the processor gives a W×H image, without decoding anything."""
     long_side, short_side = max(width, height), min(width, height)
     scale = hd_scale(long_side, short_side, num_crops)
-    new_long = scale * CROP
-    new_short = math.ceil(int(new_long / (long_side / short_side)) / CROP) * CROP
+    new_long = scale * CROP_SIZE
+    new_short = math.ceil(int(new_long / (long_side / short_side)) / CROP_SIZE) * CROP_SIZE
     return (new_short, new_long) if width >= height else (new_long, new_short)
 
 
@@ -64,13 +67,13 @@ def synthetic_batch(config, micro_batch, num_crops, page, text_tokens, answer_to
     rows = []
     for _ in range(micro_batch):
         text = torch.randint(3, 31999, (text_tokens,), generator=g)
-        rows.append(torch.cat([torch.tensor([1]), text[:8], torch.full((n_img,), -1), text[8:]]))
+        rows.append(torch.cat([torch.tensor([BOS_ID]), text[:8], torch.full((n_img,), -1), text[8:]]))
     input_ids = torch.stack(rows).to(device)
     labels = input_ids.clone()
-    labels[:, : -answer_tokens] = -100
-    pixel_values = torch.randn(micro_batch, num_crops + 1, 3, CROP, CROP, generator=g).to(device, dtype)
+    labels[:, : -answer_tokens] = IGNORE_INDEX
+    pixel_values = torch.randn(micro_batch, num_crops + 1, 3, CROP_SIZE, CROP_SIZE, generator=g).to(device, dtype)
     image_sizes = torch.tensor([[height, width]] * micro_batch, device=device)
-    crops = 1 + (height // CROP) * (width // CROP)
+    crops = 1 + (height // CROP_SIZE) * (width // CROP_SIZE)
     return dict(input_ids=input_ids, labels=labels, attention_mask=torch.ones_like(input_ids),
                 pixel_values=pixel_values, image_sizes=image_sizes), crops
 
@@ -172,7 +175,8 @@ def run(args) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="checkpoint directory or config.json (weights are random)")
+    p.add_argument("--config", default=str(official_config_path()),
+                   help="checkpoint directory or config.json (weights are random); default: the official config")
     p.add_argument("--mode", default="full", choices=[m.value for m in Mode if m is not Mode.QLORA])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp16", "fp32"])

@@ -1,7 +1,9 @@
 """`phi3v-ray convert NAME --src RAW_DIR --out DIR [-o key=value ...]`: raw dataset -> jsonl + images.
 
 After converting, every written split is checked with `schema.validate_file` (skip with
---no-validate), so a converted folder is known to load before any GPU is asked for.
+--no-validate), so a converted folder is known to load before any GPU is asked for. Splits named
+`*_noanswer` (a test set released without answers) are for prediction only and are not validated.
+A converter writes its split files all or nothing: a failed run leaves none behind.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 from .converters import CONVERTERS, ConversionError
 from .schema import BadRecord, validate_file
 
-# Splits a converter may write that are for prediction only and are not validated.
-UNVALIDATED_SPLITS = {"test_noanswer"}
+# A converter writes a split that has no answers (for prediction only) as "{split}_noanswer"; such
+# splits are not validated, since validate_record refuses empty answers on purpose.
+NOANSWER_SUFFIX = "_noanswer"
 
 
 def _options_help() -> str:
@@ -37,12 +40,14 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("name", choices=sorted(CONVERTERS), help="which converter")
-    p.add_argument("--src", required=True, type=Path, help="folder (or file) of the raw download")
+    p.add_argument("--src", required=True, type=Path,
+                   help="folder (or file, e.g. UCF101_subset.tar.gz) of the raw download")
     p.add_argument("--out", required=True, type=Path, help="output folder for {split}.jsonl and images/")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="converter option (repeatable); values true/false/numbers are parsed")
     p.add_argument("--classes", help="ucf101: comma-separated class names, or 'all'")
-    p.add_argument("--val-fraction", type=float, help="ucf101: share of train groups moved to val")
+    p.add_argument("--val-fraction", type=float,
+                   help="ucf101 (full download): share of train groups moved to val")
     p.add_argument("--no-validate", action="store_true", help="skip validating the written splits")
     p.set_defaults(func=run_convert)
     return p
@@ -88,7 +93,10 @@ def run_convert(args) -> int:
         counts = CONVERTERS[args.name].fn(args.src, args.out, **options)
         for split, n in counts.items():
             print(f"{args.name}: wrote {n} records to {args.out / f'{split}.jsonl'}")
-            if args.no_validate or split in UNVALIDATED_SPLITS:
+            if split.endswith(NOANSWER_SUFFIX):
+                print(f"{args.name}: {split}: no answers, for prediction only (not validated)")
+                continue
+            if args.no_validate:
                 continue
             good, _ = validate_file(args.out / f"{split}.jsonl", args.out / "images")
             print(f"{args.name}: {split}: {len(good)} records validated")

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from phi3v_ray.constants import image_tag
+
 from .schema import write_jsonl
 
 TASKS = ("colour", "same_colour", "motion", "digit")
@@ -126,7 +128,7 @@ def _record(task: str, j: int, rid: str, split: str, rng: random.Random, images_
         rel = f"{split}/{rid}.{k}.png"
         img.save(images_dir / rel, format="PNG")
         rels.append(rel)
-    tags = "".join(f"<|image_{k}|>" for k in range(1, len(rels) + 1))
+    tags = "".join(image_tag(k) for k in range(1, len(rels) + 1))
     return {
         "id": rid,
         "source": "demo",

@@ -2,7 +2,10 @@
 
     driver: validate_file per jsonl ──▶ {work_dir}/{split}.manifest.jsonl (id, _file, _line, record)
     Ray Data: read_json(manifest) ──▶ map_batches(Phi3VPreprocessor) ──▶ rows
-    training worker: iter_train_batches(shard, ...) ──▶ collate (right padding) ──▶ torch batches
+    training worker (phi3v_ray.collate): iter_train_batches(shard, ...) ──▶ padded torch batches
+
+Inputs: the run's `DataConfig` (`TrainConfig.data`, phi3v_ray.config: files, crops, lengths,
+bad-record policy, actors) and a `DataPaths` (tokenizer directory, quarantine and work dirs).
 
 Rows (one per record; image counts and lengths differ from row to row, Ray Data carries the
 ragged columns as variable-shaped tensors):
@@ -29,8 +32,8 @@ of every record into the actors, holds the normalised image paths, and keeps the
 multi-node cluster work_dir and quarantine_dir must be on storage every node sees.
 
 Order is deterministic (`preserve_order`), so a restarted run sees the same rows in the same
-order: `iter_train_batches` shuffles with a local buffer seeded by seed + epoch and skips the
-batches a resumed run has already trained on.
+order: `phi3v_ray.collate.iter_train_batches` shuffles with a local buffer seeded by seed + epoch
+and skips the batches a resumed run has already trained on.
 
 CPU rule (STACK_NOTES): Ray Data gets only the CPUs that training workers leave. With
 `ray.init(num_cpus=2)` and two 1-CPU workers nothing is left and the first read waits forever.
@@ -46,18 +49,17 @@ import math
 import os
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import ray
 from PIL import Image, ImageFile
 from ray.data import ActorPoolStrategy, DataContext
-from ray.data.collate_fn import NumpyBatchCollateFn
 
-from phi3v_ray.collate import collate
+from phi3v_ray.config import ConfigError, DataConfig, Problem
 from phi3v_ray.examples import SequenceTooLong, build_example
-from phi3v_ray.processor import MAX_NUM_CROPS, Phi3VProcessor
+from phi3v_ray.processor import Phi3VProcessor
 
 from .schema import BadRecord, iter_jsonl, validate_file, write_jsonl
 
@@ -69,123 +71,68 @@ ROW_COLUMNS = ("id", "input_ids", "labels", "pixel_values", "image_sizes", "num_
 MANIFEST_COLUMNS = ("id", "_file", "_line", "record")
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help}, **kw)
+@dataclass(frozen=True)
+class DataPaths:
+    """What one run adds to its `DataConfig`: where the tokenizer is and where the pipeline writes.
 
+    Built once per run (`phi3v_ray.launch.build_datasets`). On a multi-node cluster both
+    directories must be on storage every node sees.
+    """
 
-@dataclass
-class DataSettings:
-    """Everything the data pipeline needs; the training config maps its data fields onto this."""
-
-    train_files: list[str] = field(default_factory=list, metadata={"help": "training jsonl files (the recipe's record format)"})
-    images_root: str = _f("", "directory the records' image paths are relative to")
-    processor_dir: str = _f("", "checkpoint directory holding tokenizer.json (and preprocessor_config.json)")
-    val_files: list[str] = field(default_factory=list, metadata={"help": "validation jsonl files (optional)"})
-    num_crops: int = _f(16, "HD crop budget per image, 1..16 (recipe: 16 for documents, 4 for video frames)")
-    max_length: int | None = _f(8192, "longest tokenized example (8 frames at 4 crops are 6056 image tokens); None = no limit")
-    overflow: str = _f("reject", "reject | truncate: examples over max_length are bad records, or lose their earliest turns")
-    on_bad_record: str = _f("fail", "fail | skip: skip quarantines each bad record with its reason and goes on")
-    quarantine_dir: str | None = _f(None, "where skipped records are written (required for skip); one per run: a build clears its split's old entries")
-    work_dir: str | None = _f(None, "where the manifests go; default quarantine_dir, else a temporary directory")
-    max_pixels: int = _f(64_000_000, "images with more pixels (width × height) are refused before decoding")
-    max_images_per_turn: int = _f(16, "turns with more images are bad records")
-    preprocess_concurrency: int | tuple[int, int] = _f(1, "preprocessing actors: n, or (min, max) to autoscale")
-    preprocess_batch_size: int = _f(4, "records per map_batches call (keep small: an 8-frame record at 16 crops is 180 MB)")
-    num_cpus_per_actor: float = _f(0.5, "CPUs each preprocessing actor asks for (fractions are fine)")
-    node_resource: str | None = _f(None, "custom resource marking CPU nodes for preprocessing, e.g. 'data_node' (None = anywhere)")
-    object_store_memory_limit: int | None = _f(None, "bytes of object store Ray Data may fill for this dataset (None = Ray's default)")
-    seed: int = _f(0, "seed for the per-epoch shuffle (seed + epoch)")
-    system: str | None = _f(None, "system prompt put before the first turn (None = none, as in the recipe)")
+    processor_dir: str  # checkpoint directory holding tokenizer.json (and preprocessor_config.json)
+    quarantine_dir: str = ""  # skipped records, required for on_bad_record="skip"; a build clears its split's old entries
+    work_dir: str = ""  # the manifests; default quarantine_dir, else a temporary directory
 
     def __post_init__(self) -> None:
-        self.train_files = [str(p) for p in self.train_files]
-        self.val_files = [str(p) for p in self.val_files]
-        if isinstance(self.preprocess_concurrency, list):  # from YAML / JSON
-            self.preprocess_concurrency = tuple(self.preprocess_concurrency)
+        for name in ("processor_dir", "quarantine_dir", "work_dir"):
+            object.__setattr__(self, name, str(getattr(self, name) or ""))
 
-    def validate(self) -> "DataSettings":
-        """Check every field on the driver; raise once, listing each problem with its fix."""
-        problems: list[str] = []
 
-        def bad(name: str, fix: str) -> None:
-            problems.append(f"{name}={getattr(self, name)!r}: {fix}")
-
-        if not self.train_files:
-            bad("train_files", "name at least one training jsonl")
-        for name in ("train_files", "val_files"):
-            missing = [p for p in getattr(self, name) if not Path(p).is_file()]
-            if missing:
-                problems.append(f"{name}: no such file(s) {missing}")
-        if not self.images_root or not Path(self.images_root).is_dir():
-            bad("images_root", "set it to the directory the records' image paths are relative to")
-        if not self.processor_dir or not (Path(self.processor_dir) / "tokenizer.json").is_file():
-            bad("processor_dir", "set it to a checkpoint directory that holds tokenizer.json")
-        if not isinstance(self.num_crops, int) or not 1 <= self.num_crops <= MAX_NUM_CROPS:
-            bad("num_crops", f"use an integer in 1..{MAX_NUM_CROPS}")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
-            bad("max_length", "use a positive integer, or None for no limit")
-        if self.overflow not in ("reject", "truncate"):
-            bad("overflow", "use 'reject' or 'truncate'")
-        if self.on_bad_record not in ("fail", "skip"):
-            bad("on_bad_record", "use 'fail' or 'skip'")
-        if self.on_bad_record == "skip" and not self.quarantine_dir:
-            bad("quarantine_dir", "set a directory: on_bad_record='skip' writes every skipped record there")
-        if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
-            bad("max_pixels", "use a positive integer (64_000_000 is a 8000×8000 image)")
-        if not isinstance(self.max_images_per_turn, int) or self.max_images_per_turn < 1:
-            bad("max_images_per_turn", "use a positive integer")
-        c = self.preprocess_concurrency
-        if not (
-            (isinstance(c, int) and c >= 1)
-            or (isinstance(c, tuple) and len(c) == 2 and all(isinstance(x, int) for x in c) and 1 <= c[0] <= c[1])
-        ):
-            bad("preprocess_concurrency", "use an integer ≥ 1 or a (min, max) pair with 1 ≤ min ≤ max")
-        if not isinstance(self.preprocess_batch_size, int) or self.preprocess_batch_size < 1:
-            bad("preprocess_batch_size", "use a positive integer (a few records)")
-        if not isinstance(self.num_cpus_per_actor, (int, float)) or self.num_cpus_per_actor <= 0:
-            bad("num_cpus_per_actor", "use a positive number; fractions such as 0.5 are fine")
-        if self.object_store_memory_limit is not None and self.object_store_memory_limit < 1:
-            bad("object_store_memory_limit", "use a positive number of bytes, or None")
-        if problems:
-            raise ValueError("invalid data settings:\n  - " + "\n  - ".join(problems))
-        return self
-
-    @property
-    def max_actors(self) -> int:
-        c = self.preprocess_concurrency
-        return c[1] if isinstance(c, tuple) else c
+def check_inputs(data: DataConfig, paths: DataPaths, files: Sequence[str]) -> None:
+    """Raise one ConfigError for everything the pipeline cannot start with: settings, files, tokenizer."""
+    problems = data.value_problems() + data.path_problems(files)
+    if not (Path(paths.processor_dir) / "tokenizer.json").is_file():
+        problems.append(Problem("processor_dir", paths.processor_dir,
+                                "set it to a checkpoint directory that holds tokenizer.json"))
+    if data.on_bad_record == "skip" and not paths.quarantine_dir:
+        problems.append(Problem("quarantine_dir", paths.quarantine_dir,
+                                "set a directory: on_bad_record='skip' writes every skipped record there"))
+    if problems:
+        raise ConfigError(problems, what="data pipeline input")
 
 
 # ---------------------------------------------------------------------------------------------
 # resources
 
 
-def preprocess_cpus(settings: DataSettings) -> float:
+def preprocess_cpus(data: DataConfig) -> float:
     """Logical CPUs Ray Data holds at its peak: every preprocessing actor plus one read task."""
-    return settings.max_actors * settings.num_cpus_per_actor + READ_NUM_CPUS
+    return data.actor_pool[1] * data.preprocess_cpus + READ_NUM_CPUS
 
 
-def recommended_ray_init_cpus(num_workers: int, cpus_per_worker: float, settings: DataSettings) -> int:
+def recommended_ray_init_cpus(num_workers: int, cpus_per_worker: float, data: DataConfig) -> int:
     """Logical CPUs for `ray.init(num_cpus=...)` so training workers and Ray Data both fit.
 
     Ray Data only sees what the workers leave; when that is less than one read task plus one
     actor the dataset waits forever. Logical CPUs may exceed the cores (2 cores → num_cpus=4 here).
     """
-    return math.ceil(num_workers * cpus_per_worker + preprocess_cpus(settings))
+    return math.ceil(num_workers * cpus_per_worker + preprocess_cpus(data))
 
 
-def check_cpu_budget(cluster_cpus: float, num_workers: int, cpus_per_worker: float, settings: DataSettings) -> None:
-    """Raise on the driver if the training workers would leave Ray Data too few CPUs to start."""
+def check_cpu_budget(cluster_cpus: float, num_workers: int, cpus_per_worker: float, data: DataConfig) -> None:
+    """Raise ConfigError on the driver if the training workers would leave Ray Data too few CPUs to start."""
     left = cluster_cpus - num_workers * cpus_per_worker
-    need = settings.num_cpus_per_actor + READ_NUM_CPUS
+    need = data.preprocess_cpus + READ_NUM_CPUS
     if left < need:
-        raise ValueError(
-            f"Ray Data would get {left:g} CPUs after {num_workers} training workers × {cpus_per_worker:g} CPUs "
-            f"of {cluster_cpus:g}, but needs at least {need:g} (one actor at {settings.num_cpus_per_actor:g} "
-            f"+ a read task at {READ_NUM_CPUS:g}); the dataset would wait forever. Fix: "
-            f"ray.init(num_cpus={recommended_ray_init_cpus(num_workers, cpus_per_worker, settings)}), "
-            "or fewer CPUs per worker, or a smaller num_cpus_per_actor"
-        )
+        enough = recommended_ray_init_cpus(num_workers, cpus_per_worker, data)
+        raise ConfigError([Problem(
+            "cpus_per_worker", cpus_per_worker,
+            f"{num_workers} training workers × {cpus_per_worker:g} CPUs leave Ray Data {max(left, 0):g} of the "
+            f"cluster's {cluster_cpus:g} CPUs, but it needs at least {need:g} (one preprocessing actor at "
+            f"preprocess_cpus={data.preprocess_cpus:g} + a read task at {READ_NUM_CPUS:g}); the dataset would wait "
+            f"forever. Fix: a cluster of {enough} CPUs (locally ray.init(num_cpus={enough})), fewer CPUs per "
+            "worker, or a smaller preprocess_cpus",
+        )], what="training config for this cluster")
 
 
 def configure_data_context(ctx: DataContext | None = None) -> DataContext:
@@ -198,22 +145,6 @@ def configure_data_context(ctx: DataContext | None = None) -> DataContext:
     ctx = ctx or DataContext.get_current()
     ctx.execution_options.preserve_order = True
     return ctx
-
-
-def ingest_options(settings: DataSettings):
-    """Execution options for `ray.train.DataConfig(execution_options=...)`.
-
-    Ray Train replaces a dataset's own execution options with these on every shard, so the
-    order and the object-store cap must travel this way: preserve_order, plus
-    object_store_memory_limit when set; the rest is what Train would use anyway.
-    """
-    from ray.train import DataConfig
-
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    if settings.object_store_memory_limit:
-        options.resource_limits = options.resource_limits.copy(object_store_memory=settings.object_store_memory_limit)
-    return options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,14 +161,14 @@ class Manifest:
     quarantine_path: Path | None  # {split}.quarantine.jsonl (skip mode)
 
 
-def write_manifest(settings: DataSettings, files: Sequence[str], split: str) -> Manifest:
+def write_manifest(data: DataConfig, paths: DataPaths, files: Sequence[str], split: str) -> Manifest:
     """Validate every jsonl with `validate_file`, then write the good records with their file and line.
 
     Ids must be unique across the split's files too (a repeat in a later file is a bad record).
     """
-    skip = settings.on_bad_record == "skip"
-    qdir = Path(settings.quarantine_dir) if settings.quarantine_dir else None
-    work = Path(settings.work_dir or settings.quarantine_dir or _temp_work_dir())
+    skip = data.on_bad_record == "skip"
+    qdir = Path(paths.quarantine_dir) if paths.quarantine_dir else None
+    work = Path(paths.work_dir or paths.quarantine_dir or _temp_work_dir())
     work.mkdir(parents=True, exist_ok=True)
     if qdir is not None:
         qdir.mkdir(parents=True, exist_ok=True)
@@ -251,8 +182,8 @@ def write_manifest(settings: DataSettings, files: Sequence[str], split: str) -> 
         path = str(path)
         part = (qdir or work) / f".{split}.{i}.quarantine.part"
         good, _ = validate_file(
-            path, settings.images_root, settings.on_bad_record, quarantine_path=part if skip else None,
-            max_images_per_turn=settings.max_images_per_turn,
+            path, data.images_root, data.on_bad_record, quarantine_path=part if skip else None,
+            max_images_per_turn=data.max_images_per_turn,
         )
         bad = list(_read_jsonl(part)) if skip else []
         part.unlink(missing_ok=True)
@@ -312,14 +243,15 @@ DECODE_ERRORS = (DecodeError, SequenceTooLong, ValueError, OSError, SyntaxError,
 class Phi3VPreprocessor:
     """map_batches callable: manifest rows → model rows. Loads the processor once per actor."""
 
-    def __init__(self, settings: DataSettings, split: str = "train"):
+    def __init__(self, data: DataConfig, paths: DataPaths, split: str = "train"):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.settings = settings
+        self.data = data
+        self.paths = paths
         self.split = split
-        self.images_root = Path(settings.images_root)
-        self.processor = Phi3VProcessor.from_pretrained(settings.processor_dir, num_crops=settings.num_crops)
+        self.images_root = Path(data.images_root)
+        self.processor = Phi3VProcessor.from_pretrained(paths.processor_dir, num_crops=data.num_crops)
         # PIL's own guard as a second line (it raises at 2× this); the size check below comes first.
-        Image.MAX_IMAGE_PIXELS = settings.max_pixels
+        Image.MAX_IMAGE_PIXELS = data.max_pixels
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         self._quarantine_file = None
 
@@ -329,10 +261,10 @@ class Phi3VPreprocessor:
         try:
             with Image.open(path) as im:
                 width, height = im.size
-                if width * height > self.settings.max_pixels:
+                if width * height > self.data.max_pixels:
                     raise DecodeError(
                         f"image {rel!r} is {width}×{height} = {width * height} pixels, over max_pixels "
-                        f"{self.settings.max_pixels} (decompression bomb?)"
+                        f"{self.data.max_pixels} (decompression bomb?)"
                     )
                 im.load()  # a truncated file fails here
                 return im.convert("RGB")
@@ -350,8 +282,8 @@ class Phi3VPreprocessor:
         conversations = record["conversations"]
         images = [self.load_image(rel) for turn in conversations for rel in (turn.get("images") or [])]
         ex = build_example(
-            self.processor, conversations, images, max_length=self.settings.max_length,
-            overflow=self.settings.overflow, system=self.settings.system,
+            self.processor, conversations, images, max_length=self.data.max_length,
+            overflow=self.data.overflow, system=self.data.system or None,
         )
         return {
             "id": record["id"],
@@ -375,7 +307,7 @@ class Phi3VPreprocessor:
                 row = self.build_row(json.loads(text))
             except DECODE_ERRORS as e:
                 reason = f"{type(e).__name__}: {e}" if isinstance(e, SequenceTooLong) else str(e)
-                if self.settings.on_bad_record == "fail":
+                if self.data.on_bad_record == "fail":
                     raise BadRecord(reason, path=file, line=line, record_id=rid) from e
                 self.quarantine({"file": file, "line": line, "id": rid, "reason": reason, "raw": str(text)})
                 continue
@@ -396,7 +328,7 @@ class Phi3VPreprocessor:
     def quarantine(self, entry: dict) -> None:
         """Append one bad record to this actor's own part file (no two writers share a file)."""
         if self._quarantine_file is None:
-            qdir = Path(self.settings.quarantine_dir)
+            qdir = Path(self.paths.quarantine_dir)
             qdir.mkdir(parents=True, exist_ok=True)
             path = qdir / f"{self.split}.decode-quarantine.{uuid.uuid4().hex}.jsonl"
             self._quarantine_file = open(path, "a", encoding="utf-8")
@@ -408,48 +340,49 @@ class Phi3VPreprocessor:
 # the dataset
 
 
-def map_batches_kwargs(settings: DataSettings, split: str = "train") -> dict:
+def map_batches_kwargs(data: DataConfig, paths: DataPaths, split: str = "train") -> dict:
     """Arguments of the preprocessing map_batches: actor pool, CPUs, node pinning, batch size."""
-    c = settings.preprocess_concurrency
-    compute = ActorPoolStrategy(min_size=c[0], max_size=c[1]) if isinstance(c, tuple) else ActorPoolStrategy(size=c)
+    low, high = data.actor_pool
+    compute = ActorPoolStrategy(min_size=low, max_size=high) if high > low else ActorPoolStrategy(size=low)
     kwargs = dict(
-        fn_constructor_kwargs={"settings": settings, "split": split},
-        batch_size=settings.preprocess_batch_size,
+        fn_constructor_kwargs={"data": data, "paths": paths, "split": split},
+        batch_size=data.preprocess_batch_size,
         batch_format="numpy",
         compute=compute,
-        num_cpus=settings.num_cpus_per_actor,
+        num_cpus=data.preprocess_cpus,
     )
-    if settings.node_resource:
-        kwargs["resources"] = {settings.node_resource: NODE_RESOURCE_AMOUNT}
+    if data.data_node_resource:
+        kwargs["resources"] = {data.data_node_resource: NODE_RESOURCE_AMOUNT}
     return kwargs
 
 
 def build_dataset(
-    settings: DataSettings, split_files: Sequence[str] | None = None, split: str = "train"
+    data: DataConfig, paths: DataPaths, files: Sequence[str] | None = None, split: str = "train"
 ) -> ray.data.Dataset:
     """Validate the split on the driver, then read → decode + HD crops + tokenize, streaming.
 
-    split_files defaults to settings.train_files (split "train") or settings.val_files (any
-    other split). Also sets preserve_order on the current DataContext (see configure_data_context).
+    files defaults to data.train_file (split "train") or data.val_file (any other split). Also
+    sets preserve_order on the current DataContext (see configure_data_context).
     """
-    settings.validate()
-    files = list(split_files) if split_files is not None else (settings.train_files if split == "train" else settings.val_files)
-    if not files:
-        raise ValueError(f"split {split!r}: no jsonl files given")
-    manifest = write_manifest(settings, files, split)
+    if files is None:
+        default = data.train_file if split == "train" else data.val_file
+        files = [default] if default else []
+    files = [str(f) for f in files]
+    check_inputs(data, paths, files)
+    manifest = write_manifest(data, paths, files, split)
     logger.info("%s: %d records (%d quarantined) → %s", split, manifest.num_good, manifest.num_bad, manifest.path)
 
     configure_data_context()
-    resources = {settings.node_resource: NODE_RESOURCE_AMOUNT} if settings.node_resource else None
+    resources = {data.data_node_resource: NODE_RESOURCE_AMOUNT} if data.data_node_resource else None
     # Enough blocks that several actors get work; one record is at most one preprocessing batch.
-    num_blocks = max(1, min(math.ceil(manifest.num_good / settings.preprocess_batch_size), 1000))
+    num_blocks = max(1, min(math.ceil(manifest.num_good / data.preprocess_batch_size), 1000))
     ds = ray.data.read_json(
         str(manifest.path), override_num_blocks=num_blocks, num_cpus=READ_NUM_CPUS, resources=resources
     )
-    ds = ds.map_batches(Phi3VPreprocessor, **map_batches_kwargs(settings, split))
-    if settings.object_store_memory_limit:
+    ds = ds.map_batches(Phi3VPreprocessor, **map_batches_kwargs(data, paths, split))
+    if data.object_store_memory_limit:
         limits = ds.context.execution_options.resource_limits
-        ds.context.execution_options.resource_limits = limits.copy(object_store_memory=settings.object_store_memory_limit)
+        ds.context.execution_options.resource_limits = limits.copy(object_store_memory=data.object_store_memory_limit)
     return ds
 
 
@@ -487,67 +420,3 @@ def read_quarantine(quarantine_dir, split: str = "train", stage: str = "decode")
                 entries.append(e)
     return entries
 
-
-# ---------------------------------------------------------------------------------------------
-# the training side
-
-
-def batch_rows(batch: dict[str, np.ndarray]) -> list[dict]:
-    """A numpy batch (columns) → its rows. Ragged columns arrive as object arrays of arrays."""
-    n = len(batch["input_ids"])
-    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
-
-
-class Phi3VCollateFn(NumpyBatchCollateFn):
-    """Numpy batch → padded torch batch via `phi3v_ray.collate.collate` (for iter_torch_batches too).
-
-    A batch without images has pixel_values and image_sizes None, as collate returns them; with
-    return_ids the batch also carries "ids" (list of str), for logging and tests.
-    """
-
-    def __init__(self, padding_side: str = "right", pad_to_multiple_of: int | None = None, return_ids: bool = False):
-        super().__init__()
-        self.padding_side = padding_side
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.return_ids = return_ids
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-        rows = batch_rows(batch)
-        out = collate(rows, padding_side=self.padding_side, pad_to_multiple_of=self.pad_to_multiple_of)
-        if self.return_ids:
-            out["ids"] = [str(r["id"]) for r in rows]
-        return out
-
-
-def iter_train_batches(
-    data,
-    micro_batch: int,
-    epoch: int,
-    seed: int,
-    shuffle_buffer: int | None = 64,
-    skip_batches: int = 0,
-    *,
-    drop_last: bool = False,
-    prefetch_batches: int = 1,
-    collate_fn: Phi3VCollateFn | None = None,
-) -> Iterator[dict]:
-    """Collated CPU torch batches of one epoch from a Dataset or a worker's shard (DataIterator).
-
-    The order depends only on (data, seed + epoch, shuffle_buffer, micro_batch): the pipeline
-    preserves order and the local shuffle buffer is seeded. skip_batches drops the first k
-    batches without collating them, so a run resumed mid-epoch continues where it stopped.
-    shuffle_buffer None or 0 keeps file order.
-    """
-    collate_fn = collate_fn or Phi3VCollateFn()
-    batches = data.iter_batches(
-        batch_size=micro_batch,
-        batch_format="numpy",
-        drop_last=drop_last,
-        prefetch_batches=prefetch_batches,
-        local_shuffle_buffer_size=shuffle_buffer or None,
-        local_shuffle_seed=(seed + epoch) if shuffle_buffer else None,
-    )
-    for i, batch in enumerate(batches):
-        if i < skip_batches:
-            continue
-        yield collate_fn(batch)

@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
-IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+from phi3v_ray.constants import image_tags
 
 
 class BadRecord(ValueError):
@@ -53,16 +53,6 @@ class BadRecord(ValueError):
 
 def _rebuild_bad_record(reason, path, line, record_id) -> BadRecord:
     return BadRecord(reason, path=path, line=line, record_id=record_id)
-
-
-def image_tags(text: str) -> list[int]:
-    """The image numbers tagged in `text`, in order of appearance, repeats kept."""
-    return [int(m) for m in IMAGE_TAG.findall(text)]
-
-
-def count_images(rec: dict) -> int:
-    """Total images across all turns of a record."""
-    return sum(len(turn.get("images") or []) for turn in rec["conversations"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,18 +189,6 @@ def validate_record(
 
 # ---------------------------------------------------------------------------------------------
 # whole files
-
-
-def check_unique_ids(records: Iterable[dict], path=None) -> None:
-    """Raise BadRecord on the first id seen twice (line = 1-based position in `records`)."""
-    first_seen: dict[str, int] = {}
-    for pos, rec in enumerate(records, start=1):
-        rid = rec["id"]
-        if rid in first_seen:
-            raise BadRecord(
-                f"duplicate id (first seen at record {first_seen[rid]})", path=path, line=pos, record_id=rid
-            )
-        first_seen[rid] = pos
 
 
 def validate_file(

@@ -18,11 +18,12 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 def _train(args) -> int:
     from .config import ConfigError, config_help, load_config
-    from .launch import run_training
 
     if args.help_config:
         print(config_help())
         return 0
+    from .launch import ClusterCannotFit, run_training
+
     try:
         cfg = load_config(args.config or ("demo" if not args.overrides or _only_run_keys(args.overrides) else None),
                           args.overrides)
@@ -32,13 +33,18 @@ def _train(args) -> int:
     except ConfigError as err:
         print(f"phi3v-ray: {err}", file=sys.stderr)
         return 2
+    except ClusterCannotFit as err:
+        print(f"phi3v-ray: {err}", file=sys.stderr)
+        return 3
     return 0
 
 
 def _only_run_keys(overrides: list[str]) -> bool:
     """Overrides that leave the demo meaningful (`phi3v-ray train epochs=2` still runs the demo)."""
+    from .config import resolve_key
+
     data_keys = {"train_file", "val_file", "images_root", "checkpoint"}
-    return not any(item.partition("=")[0] in data_keys for item in overrides)
+    return not any(resolve_key(item.partition("=")[0].strip()) in data_keys for item in overrides)
 
 
 def _export(args) -> int:
@@ -64,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("train", "fine-tune (no arguments: the embedded demo)"), ("eval", "evaluate a checkpoint on val_file")):
         p = sub.add_parser(name, help=text, description=text + ". Settings are key=value; see --help-config.")
         p.add_argument("--config", help="preset name (demo, docvqa, hateful_memes, nlvr2, ucf101) or a YAML file")
-        p.add_argument("--help-config", action="store_true", help="list every setting with its default and meaning")
+        p.add_argument("--help-config", action="store_true", help="list every setting with its type, default and meaning")
         p.add_argument("overrides", nargs="*", metavar="key=value")
         p.set_defaults(func=_train)
 
@@ -81,15 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-crops", type=int, default=4)
     p.set_defaults(func=_tiny)
 
+    # Imported, not probed: a subcommand whose module is broken fails here with its traceback
+    # instead of silently vanishing from the CLI.
     from datasets_ray.convert_cli import add_convert_parser
+    from tune_spaces.cli import add_parser as add_tune_parser
+
+    from .submit import add_parser as add_submit_parser
 
     add_convert_parser(sub)
-    for extra in ("tune_spaces.cli", "phi3v_ray.submit"):
-        try:
-            module = __import__(extra, fromlist=["add_parser"])
-        except ImportError:
-            continue
-        module.add_parser(sub)
+    add_tune_parser(sub)
+    add_submit_parser(sub)
     return parser
 
 

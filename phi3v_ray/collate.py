@@ -1,20 +1,24 @@
-"""Batch collation: pad token rows, stack every sample's images along one axis.
+"""Batch collation: pad token rows, stack every sample's images along one axis; and the training
+worker's side of Ray Data, which turns a shard's numpy batches into these padded torch batches.
 
 The attention mask comes from sequence lengths, never from the pad id: the pad id (32000) is also
 `<|endoftext|>`, which sits inside every supervised answer (the recipe's collators hid it).
 Right padding for training, left padding for generation.
+
+    training worker: iter_train_batches(shard, ...) ──▶ Phi3VCollate ──▶ collate (right padding)
+
+Nothing here imports Ray: `iter_train_batches` only calls the shard's own `iter_batches`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .processor import ENDOFTEXT_ID
-
-IGNORE_INDEX = -100
+from .constants import ENDOFTEXT_ID, IGNORE_INDEX
 
 
 def collate(
@@ -74,3 +78,67 @@ def batch_stats(batch: dict) -> tuple[int, int]:
     tokens = int(batch["attention_mask"].sum())
     images = 0 if batch["image_sizes"] is None else int(batch["image_sizes"].shape[0])
     return tokens, images
+
+
+# ---------------------------------------------------------------------------------------------
+# the training worker: Ray Data batches → collated torch batches
+
+
+def batch_rows(batch: dict[str, np.ndarray]) -> list[dict]:
+    """A numpy batch (columns) → its rows. Ragged columns arrive as object arrays of arrays."""
+    n = len(batch["input_ids"])
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+class Phi3VCollate:
+    """A numpy batch of pipeline rows (columns) → one padded torch batch via `collate`.
+
+    A batch without images has pixel_values and image_sizes None, as collate returns them; with
+    return_ids the batch also carries "ids" (list of str), for logging and tests.
+    """
+
+    def __init__(self, padding_side: str = "right", pad_to_multiple_of: int | None = None, return_ids: bool = False):
+        self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.return_ids = return_ids
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        rows = batch_rows(batch)
+        out = collate(rows, padding_side=self.padding_side, pad_to_multiple_of=self.pad_to_multiple_of)
+        if self.return_ids:
+            out["ids"] = [str(r["id"]) for r in rows]
+        return out
+
+
+def iter_train_batches(
+    data,
+    micro_batch: int,
+    epoch: int,
+    seed: int,
+    shuffle_buffer: int | None = 64,
+    skip_batches: int = 0,
+    *,
+    drop_last: bool = False,
+    prefetch_batches: int = 1,
+    collate_fn: Phi3VCollate | None = None,
+) -> Iterator[dict]:
+    """Collated CPU torch batches of one epoch from a Dataset or a worker's shard (DataIterator).
+
+    The order depends only on (data, seed + epoch, shuffle_buffer, micro_batch): the pipeline
+    preserves order and the local shuffle buffer is seeded. skip_batches drops the first k
+    batches without collating them, so a run resumed mid-epoch continues where it stopped.
+    shuffle_buffer None or 0 keeps file order.
+    """
+    collate_fn = collate_fn or Phi3VCollate()
+    batches = data.iter_batches(
+        batch_size=micro_batch,
+        batch_format="numpy",
+        drop_last=drop_last,
+        prefetch_batches=prefetch_batches,
+        local_shuffle_buffer_size=shuffle_buffer or None,
+        local_shuffle_seed=(seed + epoch) if shuffle_buffer else None,
+    )
+    for i, batch in enumerate(batches):
+        if i < skip_batches:
+            continue
+        yield collate_fn(batch)

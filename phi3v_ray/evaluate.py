@@ -15,10 +15,9 @@ import torch
 import torch.distributed as dist
 
 from .collate import collate
+from .constants import END_ID, IGNORE_INDEX
 from .metrics import clean_prediction, summarize
-from .processor import END_ID, Phi3VProcessor
-
-IGNORE_INDEX = -100
+from .processor import Phi3VProcessor
 
 
 @lru_cache(maxsize=4)
@@ -84,7 +83,8 @@ def generate_answers(model, processor, rows: list[dict], max_new_tokens: int, de
 
 def evaluate(model, val_ds, cfg, plan, device, rank: int, world: int, step: int, tag: str, hw=None) -> dict:
     """Score the validation set; returns {"val/accuracy": …} on every rank and writes predictions on rank 0."""
-    from .train import DTYPES, write_text
+    from .engine import DTYPES
+    from .storage import write_text
 
     processor = _processor(plan.checkpoint_dir)
     autocast = DTYPES[hw.precision] if hw is not None and device.type == "cuda" and hw.precision != "fp32" else None

@@ -14,9 +14,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .processor import IMAGE_TAG, Phi3VProcessor, check_tags
+from .constants import IGNORE_INDEX, IMAGE_TAG, image_tag
+from .processor import Phi3VProcessor, check_tags
 
-IGNORE_INDEX = -100
 ANSWER_SUFFIX = "<|end|>\n<|endoftext|>"  # appended to every answer, supervised
 
 
@@ -35,7 +35,7 @@ def user_text_with_tags(user: str, first_tag: int, n_images: int) -> str:
     if IMAGE_TAG.search(user) is None:
         if n_images == 0:
             return user
-        tags = "".join(f"<|image_{k}|>" for k in range(first_tag, first_tag + n_images))
+        tags = "".join(image_tag(k) for k in range(first_tag, first_tag + n_images))
         return f"{tags}\n{user}"
     check_tags(user, n_images, first=first_tag)
     return user

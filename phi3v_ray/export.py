@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .train import TOKENIZER_FILES
+from .checkpointing import TOKENIZER_FILES
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:

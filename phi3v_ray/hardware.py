@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 ATTENTIONS = ("flash_attention_2", "sdpa", "eager")
-MODES = ("full", "lora", "qlora")
 
 # Name fragments of GPUs that can run a full fine-tune of the 4.15 B model (ZeRO-2, 8 per node).
 # Matched as whole model numbers, so "RTX A1000" is not an A100 and "GH200"/"GB200" still count.

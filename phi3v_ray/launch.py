@@ -45,9 +45,9 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
         path = root / "tiny-checkpoint"
         if not (path / "config.json").is_file():
             print(f"[phi3v-ray] writing a tiny random checkpoint to {path}", flush=True)
-            write_tiny_checkpoint(path, seed=0, num_crops=cfg.num_crops)
+            write_tiny_checkpoint(path, seed=0, num_crops=cfg.data.num_crops)
         changes["checkpoint"] = str(path)
-    if not (cfg.train_file or cfg.val_file or cfg.images_root) and cfg.name == "phi3v-demo":
+    if not (cfg.data.train_file or cfg.data.val_file or cfg.data.images_root) and cfg.name == "phi3v-demo":
         from datasets_ray.demo import make_demo_dataset
 
         data = root / "demo-data"
@@ -61,7 +61,7 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
 
 def plan_run(cfg: TrainConfig, n_train: int, n_val: int) -> Plan:
     """Optimizer steps from the record count: Ray splits the train set evenly (equal shards)."""
-    run_dir = f"{cfg.resolved_storage_path.rstrip('/')}/{cfg.name}"
+    run_dir = cfg.run_dir
     if cfg.eval_only:
         return Plan(total_steps=0, steps_per_epoch=0, n_train=0, n_val=n_val, run_dir=run_dir, checkpoint_dir=cfg.checkpoint)
     per_worker = n_train // cfg.num_workers
@@ -76,38 +76,24 @@ def plan_run(cfg: TrainConfig, n_train: int, n_val: int) -> Plan:
                 checkpoint_dir=cfg.checkpoint)
 
 
-def build_datasets(cfg: TrainConfig, run_dir: str):
-    """The Ray Data pipelines for train (and val); returns (datasets, n_train, n_val)."""
+def build_datasets(cfg: TrainConfig, run_dir: str | None = None):
+    """The Ray Data pipelines for train (and val) from `cfg.data`; returns (datasets, n_train, n_val)."""
     import ray.data
 
-    from datasets_ray.pipeline import DataSettings, build_dataset
+    from datasets_ray.pipeline import DataPaths, build_dataset
 
     # Ray Data's per-operator bars would bury the per-step lines; the training loop prints its own.
     ray.data.DataContext.get_current().enable_progress_bars = False
 
+    run_dir = run_dir or cfg.run_dir
     local = Path(run_dir) if "://" not in run_dir else Path("runs").resolve() / cfg.name
-    settings = DataSettings(
-        train_files=[cfg.train_file] if cfg.train_file else [cfg.val_file],
-        val_files=[cfg.val_file] if cfg.val_file else [],
-        images_root=cfg.images_root,
-        processor_dir=cfg.checkpoint,
-        num_crops=cfg.num_crops,
-        max_length=cfg.max_length,
-        overflow=cfg.overflow,
-        on_bad_record=cfg.on_bad_record,
-        quarantine_dir=str(local / "quarantine"),
-        work_dir=str(local / "data"),
-        preprocess_concurrency=cfg.preprocess_actors,
-        num_cpus_per_actor=cfg.preprocess_cpus,
-        node_resource=cfg.data_node_resource or None,
-        seed=cfg.seed,
-    )
+    paths = DataPaths(processor_dir=cfg.checkpoint, quarantine_dir=str(local / "quarantine"), work_dir=str(local / "data"))
     datasets, counts = {}, {"train": 0, "val": 0}
-    splits = {"val": cfg.val_file} if cfg.eval_only else {"train": cfg.train_file, "val": cfg.val_file}
-    for split, path in splits.items():
+    files = {"val": cfg.data.val_file} if cfg.eval_only else {"train": cfg.data.train_file, "val": cfg.data.val_file}
+    for split, path in files.items():
         if path:
-            datasets[split] = build_dataset(settings, [path], split)
-            counts[split] = _count_lines(Path(settings.work_dir) / f"{split}.manifest.jsonl")
+            datasets[split] = build_dataset(cfg.data, paths, [path], split)
+            counts[split] = _count_lines(Path(paths.work_dir) / f"{split}.manifest.jsonl")
     return datasets, counts["train"], counts["val"]
 
 
@@ -122,6 +108,8 @@ def make_trainer(cfg: TrainConfig, plan: Plan, datasets: dict, callbacks=None):
 
     execution = ray.train.DataConfig.default_ingest_options()
     execution.preserve_order = True  # a deterministic batch order is what makes exact resume possible
+    if cfg.data.object_store_memory_limit:  # Train applies these options to every shard, replacing the dataset's
+        execution.resource_limits = execution.resource_limits.copy(object_store_memory=cfg.data.object_store_memory_limit)
     # ScalingConfig adds the accelerator_type resource itself.
     resources = {k: v for k, v in cfg.worker_resources().items() if not k.startswith("accelerator_type:")}
     return TorchTrainer(
@@ -151,19 +139,21 @@ class ClusterCannotFit(RuntimeError):
 
 
 def check_cluster_fits(cfg: TrainConfig) -> None:
-    """Fail fast, instead of waiting forever, when no node offers what a training worker needs.
+    """Fail fast, instead of waiting forever, when no node offers what a training worker needs
+    (ClusterCannotFit) or the workers would leave Ray Data too few CPUs to start (ConfigError,
+    from `check_cpu_budget`).
 
     Skipped on autoscaling clusters (nodes of the wanted type may still come up).
     """
     import ray
 
+    from datasets_ray.pipeline import check_cpu_budget
+
     if os.environ.get("PHI3V_AUTOSCALING") == "1":
         return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     need = {k: v for k, v in cfg.worker_resources().items() if v > 0}
-    if not need:
-        return
-    fitting = sum(min(int(n["Resources"].get(k, 0) / v) for k, v in need.items()) for n in nodes)
+    fitting = sum(min(int(n["Resources"].get(k, 0) / v) for k, v in need.items()) for n in nodes) if need else cfg.num_workers
     if fitting < cfg.num_workers:
         have = sorted({k for n in nodes for k in n["Resources"] if k in need or k.startswith("accelerator_type:")})
         raise ClusterCannotFit(
@@ -171,6 +161,7 @@ def check_cluster_fits(cfg: TrainConfig) -> None:
             f"resources present: {have or 'none of those'}. Change num_workers / accelerator_type / worker_resource / "
             f"use_gpu, or set PHI3V_AUTOSCALING=1 on an autoscaling cluster."
         )
+    check_cpu_budget(ray.cluster_resources().get("CPU", 0.0), cfg.num_workers, cfg.cpus_per_worker, cfg.data)
 
 
 def run_training(cfg: TrainConfig, callbacks=None, start_ray: bool = True):
@@ -178,10 +169,9 @@ def run_training(cfg: TrainConfig, callbacks=None, start_ray: bool = True):
     cfg = resolve_defaults(cfg).validate()
     if start_ray:
         ensure_ray()
-    check_cluster_fits(cfg)
+    check_cluster_fits(cfg)  # before building datasets: a starved Ray Data would wait forever
     t0 = time.perf_counter()
-    run_dir = f"{cfg.resolved_storage_path.rstrip('/')}/{cfg.name}"
-    datasets, n_train, n_val = build_datasets(cfg, run_dir)
+    datasets, n_train, n_val = build_datasets(cfg)
     plan = plan_run(cfg, n_train, n_val)
     print(f"[phi3v-ray] run {cfg.name}: {n_train} train / {n_val} val records, {cfg.num_workers} workers, "
           f"{plan.total_steps} steps; results in {plan.run_dir}", flush=True)

@@ -14,23 +14,12 @@ hidden_states[-2], so they never get a gradient, and DDP would stall waiting for
 
 from __future__ import annotations
 
-import enum
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-
-class Mode(str, enum.Enum):
-    FULL = "full"
-    FROZEN_VISION = "frozen_vision"
-    LORA = "lora"
-    QLORA = "qlora"
-
-    @property
-    def uses_lora(self) -> bool:
-        return self in (Mode.LORA, Mode.QLORA)
+from .config import Mode  # noqa: F401  (defined in the torch-free config, re-exported here)
 
 
 @dataclass
@@ -56,10 +45,6 @@ def lora_target_regex(num_feature_layers: int, vision: bool) -> str:
         )
         parts.append(r"model\.vision_embed_tokens\.img_projection\.(0|2)")
     return rf"^(?:.*\.)?(?:{'|'.join(parts)})$"
-
-
-def vision_parameter_names(model: nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters() if "vision_embed_tokens" in n]
 
 
 def apply_mode(
@@ -102,10 +87,6 @@ def apply_mode(
     return base
 
 
-def trainable_parameter_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit packed weights are counted by their element count."""
     trainable = total = 0
@@ -115,10 +96,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
-
-
-def strip_peft_prefix(name: str) -> str:
-    return re.sub(r"^base_model\.model\.", "", name)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

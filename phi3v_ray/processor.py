@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,23 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-CROP = 336
-GRID = 12  # merged feature grid per crop side: 336 / 14 / 2
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MAX_NUM_CROPS = 16
-IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
-
-# Special-token ids of the Phi-3.5-vision tokenizer (SPEC §4).
-BOS_ID = 1
-ENDOFTEXT_ID = 32000  # eos for generation and the pad id
-END_ID = 32007
-STOP_IDS = (ENDOFTEXT_ID, END_ID)
+from .constants import CLIP_MEAN, CLIP_STD, CROP_SIZE, GRID, IMAGE_TAG, MAX_NUM_CROPS, STOP_IDS, image_tags
 
 
 def tokens_per_image(height: int, width: int) -> int:
     """Feature tokens of one image whose padded HD size is height × width (SPEC §1.6)."""
-    h, w = height // CROP, width // CROP
+    h, w = height // CROP_SIZE, width // CROP_SIZE
     return (h * w + 1) * GRID * GRID + 1 + (h + 1) * GRID
 
 
@@ -72,10 +60,10 @@ class Phi3VImageProcessor:
             image = image.transpose(Image.Transpose.TRANSPOSE)
         width, height = image.size
         scale = hd_scale(width, height, self.num_crops)
-        new_w = scale * CROP
+        new_w = scale * CROP_SIZE
         new_h = int(new_w / (width / height))
         image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-        target_h = math.ceil(new_h / CROP) * CROP
+        target_h = math.ceil(new_h / CROP_SIZE) * CROP_SIZE
         top = int((target_h - new_h) / 2)
         padded = Image.new("RGB", (new_w, target_h), (255, 255, 255))
         padded.paste(image, (0, top))
@@ -89,10 +77,11 @@ class Phi3VImageProcessor:
         x = np.asarray(hd, dtype=np.float32).transpose(2, 0, 1) / 255.0  # (3, H, W)
         x = (x - self._mean) / self._std
         _, height, width = x.shape
-        h, w = height // CROP, width // CROP
-        glb = F.interpolate(torch.from_numpy(x)[None], size=(CROP, CROP), mode="bicubic", align_corners=False)
-        crops = x.reshape(3, h, CROP, w, CROP).transpose(1, 3, 0, 2, 4).reshape(h * w, 3, CROP, CROP)  # row-major
-        out = np.zeros((self.num_crops + 1, 3, CROP, CROP), dtype=np.float32)
+        h, w = height // CROP_SIZE, width // CROP_SIZE
+        glb = F.interpolate(torch.from_numpy(x)[None], size=(CROP_SIZE, CROP_SIZE), mode="bicubic", align_corners=False)
+        crops = x.reshape(3, h, CROP_SIZE, w, CROP_SIZE).transpose(1, 3, 0, 2, 4)  # (h, w, 3, 336, 336)
+        crops = crops.reshape(h * w, 3, CROP_SIZE, CROP_SIZE)  # (h·w, 3, 336, 336), row-major
+        out = np.zeros((self.num_crops + 1, 3, CROP_SIZE, CROP_SIZE), dtype=np.float32)
         out[0] = glb[0].numpy()
         out[1 : 1 + h * w] = crops
         return out, (height, width)
@@ -107,7 +96,7 @@ class Phi3VImageProcessor:
         if pixels:
             pixel_values = np.stack(pixels)
         else:
-            pixel_values = np.zeros((0, self.num_crops + 1, 3, CROP, CROP), dtype=np.float32)
+            pixel_values = np.zeros((0, self.num_crops + 1, 3, CROP_SIZE, CROP_SIZE), dtype=np.float32)
         image_sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
         out = {
             "pixel_values": pixel_values,
@@ -120,11 +109,6 @@ class Phi3VImageProcessor:
         return out
 
     __call__ = preprocess
-
-
-def image_tags(text: str) -> list[int]:
-    """The k of every <|image_k|> tag, in order of appearance."""
-    return [int(k) for k in IMAGE_TAG.findall(text)]
 
 
 def check_tags(text: str, n_images: int, first: int = 1) -> list[int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .processor import CLIP_MEAN, CLIP_STD
+from .constants import CLIP_MEAN, CLIP_STD
 
 # (content, id) exactly as in the Phi-3.5-vision tokenizer (SPEC §4).
 BASE_SPECIALS = [("<unk>", 0), ("<s>", 1), ("</s>", 2)]

@@ -1,43 +1,35 @@
-"""The per-worker training loop: build → resume → loop → report.
+"""The per-worker training recipe: setup → resume → train → save, run inside Ray Train workers.
 
-Runs inside Ray Train workers (`TorchTrainer(train_loop_per_worker, ...)`): the process group is
-already set up (NCCL on GPUs, gloo on CPU). Full fine-tuning runs under DeepSpeed ZeRO-2, the other
-modes under DDP (ZeRO-2 optional); the loop itself never branches on the mode.
+    TorchTrainer(train_loop_per_worker, train_loop_config={"config": cfg.to_dict(), "plan": asdict(plan)})
+
+The process group is already set up by Ray Train (NCCL on GPUs, gloo on CPU). The optimizer step
+itself lives in `engine.py` (one class per backend, chosen once); checkpoints in `checkpointing.py`;
+rank 0's metric sinks in `tracking.py`. The loop never branches on the mode or the backend.
+
+Every worker calls `ray.train.report` the same number of times: at each logged step, each
+evaluation and each checkpoint, decided from numbers all ranks share.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from .collate import batch_stats
+from datasets_ray.schema import BadRecord
+
+from .checkpointing import STATE_FILE, TrainState, read_checkpoint, write_checkpoint
+from .collate import batch_stats, iter_train_batches
 from .config import TrainConfig
-from .evaluate import evaluate
+from .engine import DTYPES, build_engine, load_trainable_weights, train_step
 from .hardware import HardwareChoice, detect_gpu, log_choice, resolve_hardware
 from .modes import LoraSettings, Mode, apply_mode, cast_trainable_to_fp32, count_parameters, enable_gradient_checkpointing
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "preprocessor_config.json", "generation_config.json", "added_tokens.json")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@dataclass
-class TrainState:
-    """Where the run is; saved with every checkpoint."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # current epoch
-    batch_in_epoch: int = 0  # micro batches of the current epoch already consumed
+from .tracking import MetricLogger, say
 
 
 @dataclass
@@ -52,8 +44,18 @@ class Plan:
     checkpoint_dir: str  # the model checkpoint to start from (resolved on the driver)
 
 
+@dataclass
+class Worker:
+    """Where this process sits in the run."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    hw: HardwareChoice
+
+
 # ----------------------------------------------------------------------------- build
-def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, checkpoint_dir: str):
+def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, checkpoint_dir: str, training: bool = True):
     """Load the checkpoint and apply the training mode (QLoRA quantizes the base while loading)."""
     from .model import Phi3VForCausalLM
 
@@ -62,7 +64,7 @@ def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, check
     if mode is Mode.QLORA:
         from transformers import BitsAndBytesConfig
 
-        compute = DTYPES[hw.precision] if hw.precision != "fp32" else torch.float32
+        compute = DTYPES[hw.precision]
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
             bnb_4bit_use_double_quant=False, llm_int8_skip_modules=["lm_head"],
@@ -79,354 +81,290 @@ def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, check
     )
     if mode.uses_lora:
         cast_trainable_to_fp32(model)
-    if cfg.gradient_checkpointing:
+    if training and cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model.to(device) if mode is not Mode.QLORA else model
 
 
-def parameter_groups(model, weight_decay: float):
-    """Decay matrices only: biases, norms and the 1-D/separator parameters get none."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "GN" in name or "norm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def linear_schedule(optimizer, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def deepspeed_config(cfg: TrainConfig, hw: HardwareChoice, world_size: int) -> dict:
-    """The DeepSpeed ZeRO-2 config, generated from the training config (SPEC §5)."""
-    return {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch,
-        "gradient_accumulation_steps": cfg.accumulation,
-        "train_batch_size": cfg.micro_batch * cfg.accumulation * world_size,
-        "gradient_clipping": cfg.max_grad_norm,
-        "zero_optimization": {
-            "stage": 2,
-            "overlap_comm": True,
-            "contiguous_gradients": True,
-            "reduce_bucket_size": 5e8,
-            "allgather_bucket_size": 5e8,
-        },
-        "bf16": {"enabled": hw.precision == "bf16"},
-        "fp16": {"enabled": hw.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-class Engine:
-    """One interface over DeepSpeed and DDP: forward, backward, step, state, unwrap."""
-
-    def __init__(self, cfg: TrainConfig, model, hw: HardwareChoice, plan: Plan, device: torch.device, world_size: int):
-        self.cfg, self.hw, self.device = cfg, hw, device
-        self.deepspeed = cfg.resolved_zero_stage == 2
-        optimizer = torch.optim.AdamW(
-            parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
-        )
-        scheduler = linear_schedule(optimizer, cfg.warmup_steps, plan.total_steps)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        if self.deepspeed:
-            import deepspeed
-
-            self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, hw, world_size)
-            )
-            self.model = self.module.module
-            self.autocast = False
-        else:
-            import ray.train.torch
-
-            self.model = model
-            self.optimizer, self.scheduler = optimizer, scheduler
-            self.module = ray.train.torch.prepare_model(model, move_to_device=False) if world_size > 1 else model
-            self.autocast = hw.precision in ("bf16", "fp16") and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler(init_scale=2.0**16, enabled=not self.deepspeed and hw.precision == "fp16"
-                                           and device.type == "cuda")
-
-    def forward_backward(self, batch: dict, boundary: bool) -> torch.Tensor:
-        """Returns the detached loss on the device: reading it here would sync the GPU every micro batch."""
-        batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        if self.deepspeed:
-            self.module.set_gradient_accumulation_boundary(boundary)
-            loss = self.module(**batch, loss_only=True).loss
-            self.module.backward(loss)
-            return loss.detach()
-        sync = boundary or not hasattr(self.module, "no_sync")
-        ctx = self.module.no_sync() if not sync else _nullcontext()
-        with ctx, torch.autocast(self.device.type, dtype=DTYPES[self.hw.precision], enabled=self.autocast):
-            loss = self.module(**batch, loss_only=True).loss
-            self.scaler.scale(loss / self.cfg.accumulation).backward()
-        return loss.detach()
-
-    def step(self) -> float:
-        """Clip, step, schedule; returns the gradient norm before clipping."""
-        if self.deepspeed:
-            self.module.step()
-            norm = self.module.get_global_grad_norm()
-            return float(norm) if norm is not None else float("nan")
-        self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return float(norm)
-
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    # -- checkpoint state
-    def save(self, directory: Path, rank: int) -> None:
-        if self.deepspeed:
-            self.module.save_checkpoint(str(directory), tag="deepspeed")  # every rank writes its optimizer shard
-            return
-        if rank == 0:
-            if self.cfg.mode_enum.uses_lora:
-                self.model.save_pretrained(directory / "adapter", safe_serialization=True)  # PEFT format, adapters only
-            else:
-                from safetensors.torch import save_file
-
-                trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-                save_file(trainable, str(directory / "trainable.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "scaler": self.scaler.state_dict()}, directory / "optimizer.pt")
-
-    def load(self, directory: Path) -> None:
-        if self.deepspeed:
-            self.module.load_checkpoint(str(directory), tag="deepspeed")
-            return
-        from safetensors.torch import load_file
-
-        if (directory / "adapter").is_dir():
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.model, load_file(str(directory / "adapter" / "adapter_model.safetensors")))
-        else:
-            params = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for name, value in load_file(str(directory / "trainable.safetensors")).items():
-                    params[name].copy_(value)
-        # Optimizer state is written by this code (tensors and plain containers), so weights_only loading suffices.
-        state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-# ----------------------------------------------------------------------------- storage
-def _fs(path: str):
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
-
-
-def write_text(path: str, text: str, append: bool = False) -> None:
-    """Write into the run directory on any storage Ray supports (local, NFS, s3://, gs://)."""
-    fs, p = _fs(path)
-    fs.create_dir(os.path.dirname(p), recursive=True)
-    if append:
-        try:
-            with fs.open_input_stream(p) as f:
-                text = f.read().decode() + text
-        except (FileNotFoundError, OSError):
-            pass
-    with fs.open_output_stream(p) as f:
-        f.write(text.encode())
-
-
-# ----------------------------------------------------------------------------- the loop
-def say(text: str) -> None:
-    """Print once from a worker. Ray Train tees print() when a library has wrapped sys.stdout."""
-    print(f"[phi3v-ray] {text}", file=sys.__stdout__, flush=True)
-
-
-def train_loop_per_worker(loop_config: dict) -> None:
-    try:
-        _train_loop(loop_config)
-    except Exception as err:
-        # Ray truncates worker errors on the driver; a bad record's file, line and reason must not get lost.
-        text = str(err)
-        marker = text.rfind("BadRecord")
-        if marker >= 0:
-            say("stopped on a bad record: " + text[marker:marker + 1500].splitlines()[0])
-        raise
-
-
-def _train_loop(loop_config: dict) -> None:
+def _worker_from_ray(cfg: TrainConfig) -> Worker:
     import ray.train
     import ray.train.torch
 
-    cfg = TrainConfig.from_dict(loop_config["config"])
-    plan = Plan(**loop_config["plan"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     hw = resolve_hardware(detect_gpu() if device.type == "cuda" else None, cfg.precision, cfg.attention)
-    if rank == 0:
-        say(log_choice(hw))
+    return Worker(ctx.get_world_rank(), ctx.get_world_size(), device, hw)
 
-    # ---- build
+
+# ----------------------------------------------------------------------------- entry point
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = TrainConfig.from_dict(loop_config["config"])
+    plan = Plan(**loop_config["plan"])
+    worker = _worker_from_ray(cfg)
+    if worker.rank == 0:
+        say(log_choice(worker.hw))
+    if cfg.eval_only:
+        evaluate_checkpoint(cfg, plan, worker)
+        return
+    recipe = Recipe(cfg, plan, worker)
+    try:
+        recipe.setup()
+        recipe.resume()
+        recipe.train()
+    except Exception as err:
+        bad = _cause_of_type(err, BadRecord)
+        if bad is not None:  # Ray truncates worker errors on the driver: the file, line and reason must survive
+            say(f"stopped on a bad record: {bad}")
+        raise
+    finally:
+        recipe.cleanup()
+
+
+def _cause_of_type(err: BaseException, kind: type) -> BaseException | None:
+    """The first exception of `kind` in err's cause/context chain (Ray Data wraps a UDF's error)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def evaluate_checkpoint(cfg: TrainConfig, plan: Plan, worker: Worker) -> dict:
+    """`phi3v-ray eval`: the model (with the run's latest trained weights, if any) on val_file; no optimizer."""
+    import ray.train
+
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg, hw, device, plan.checkpoint_dir)
-    engine = Engine(cfg, model, hw, plan, device, world)
-    trainable, total = count_parameters(engine.model)
-    if rank == 0:
-        say(f"mode={cfg.mode} trainable {trainable:,} of {total:,} parameters; "
-              f"global batch {cfg.effective_global_batch} = micro {cfg.micro_batch} × workers {world} × accumulation "
-              f"{cfg.accumulation}; {plan.total_steps} optimizer steps; ZeRO-{cfg.resolved_zero_stage if engine.deepspeed else 0}")
-
-    # ---- resume
-    state = TrainState()
-    history: list[dict] = []
+    model = load_model(cfg, worker.hw, worker.device, plan.checkpoint_dir, training=False)
     checkpoint = ray.train.get_checkpoint()
+    step = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            directory = Path(directory)
-            engine.load(directory)
-            saved = json.loads((directory / "train_state.json").read_text())
-            state = TrainState(**saved["state"])
-            history = saved.get("history", [])
-            rng = directory / f"rng_rank{rank}.pt"
-            if rng.is_file():
-                torch.set_rng_state(torch.load(rng, weights_only=True))
-        if rank == 0:
-            say(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+            load_trainable_weights(model, Path(directory))
+            step = json.loads((Path(directory) / STATE_FILE).read_text())["state"]["step"]
+    scores = _evaluate(model, cfg, plan, worker, step=step, tag="eval")
+    ray.train.report({"step": step, **scores})
+    return scores
 
-    train_shard = None if cfg.eval_only else ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if plan.n_val else None
 
-    def run_eval(tag: str) -> dict:
-        if val_shard is None:
-            return {}
-        t = time.perf_counter()
-        scores = evaluate(engine.model, val_shard, cfg, plan, device, rank, world, step=state.step, tag=tag, hw=hw)
-        if rank == 0 and scores:
-            say(f"eval {tag} step {state.step}: " +
-                  ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if not k.startswith("val/n")) +
-                  f" ({time.perf_counter() - t:.1f}s)")
-        return scores
+def _evaluate(model, cfg: TrainConfig, plan: Plan, worker: Worker, step: int, tag: str) -> dict:
+    import ray.train
 
-    if cfg.eval_only:
-        metrics = {"step": state.step, **run_eval("eval")}
-        _report(cfg, plan, metrics, engine, state, history, rank, with_checkpoint=False)
-        return
+    from .evaluate import evaluate
 
-    if state.step == 0 and state.batch_in_epoch == 0 and cfg.eval_before:
-        metrics = {"step": 0, **run_eval("before")}
-        history.append(metrics)
-        _report(cfg, plan, metrics, engine, state, history, rank, with_checkpoint=False)
+    if not plan.n_val:
+        return {}
+    t = time.perf_counter()
+    scores = evaluate(model, ray.train.get_dataset_shard("val"), cfg, plan, worker.device, worker.rank,
+                      worker.world_size, step=step, tag=tag, hw=worker.hw)
+    if worker.rank == 0 and scores:
+        say(f"eval {tag} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if not k.startswith("val/n"))
+            + f" ({time.perf_counter() - t:.1f}s)")
+    return scores
 
-    # ---- loop
-    from datasets_ray.pipeline import iter_train_batches
 
-    kill = _fault_injection(rank, cfg.fault_injection)
-    done = state.step >= plan.total_steps
-    window = _Window()
-    while not done and state.epoch < cfg.epochs:
-        batches = iter_train_batches(train_shard, cfg.micro_batch, epoch=state.epoch, seed=cfg.seed,
+# ----------------------------------------------------------------------------- the recipe
+class Recipe:
+    """One worker's run. `setup` builds, `resume` restores, `train` loops, `save` checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, plan: Plan, worker: Worker):
+        self.cfg, self.plan, self.worker = cfg, plan, worker
+        self.state = TrainState()
+        self.history: list[dict] = []
+        self.logger: MetricLogger | None = None
+        self._first_report = True
+        self._last_report = time.perf_counter()
+
+    # -- setup
+    def setup(self) -> None:
+        import ray.train
+
+        cfg, w = self.cfg, self.worker
+        torch.manual_seed(cfg.seed)
+        model = load_model(cfg, w.hw, w.device, self.plan.checkpoint_dir)
+        self.engine = build_engine(cfg, model, self.plan.total_steps, w.hw.precision, w.device, w.world_size)
+        self.train_shard = ray.train.get_dataset_shard("train")
+        if w.rank == 0:
+            self.logger = MetricLogger(self.plan.run_dir, self.plan.total_steps)
+            trainable, total = count_parameters(self.engine.model)
+            say(f"mode={cfg.mode} trainable {trainable:,} of {total:,} parameters; "
+                f"global batch {cfg.effective_global_batch} = micro {cfg.micro_batch} × workers {w.world_size} × "
+                f"accumulation {cfg.accumulation}; {self.plan.total_steps} optimizer steps; engine {self.engine.kind}")
+
+    # -- resume
+    def resume(self) -> None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as directory:
+            self.state, self.history = read_checkpoint(Path(directory), self.engine, self.worker.rank)
+        self.state.resumed_at.append(self.state.step)
+        if self.worker.rank == 0:
+            s = self.state
+            say(f"resumed at step {s.step} (epoch {s.epoch}, batch {s.batch_in_epoch})")
+
+    # -- train
+    def train(self) -> None:
+        cfg, state = self.cfg, self.state
+        if state.step == 0 and state.batch_in_epoch == 0 and cfg.eval_before:
+            row = {"step": 0, **self.evaluate("before")}
+            self.log(row)
+            self.report(row)
+
+        from .faults import fault_hook
+
+        after_step = fault_hook(self.worker.rank, cfg.fault_injection)
+        window = _Window()
+        done = state.step >= self.plan.total_steps
+        while not done and state.epoch < cfg.epochs:
+            stepped = False
+            for micro_batches, epoch_ends in self._steps_of_epoch():
+                out = train_step(self.engine, micro_batches)
+                window.add(out, micro_batches)
+                state.step += 1
+                state.batch_in_epoch += len(micro_batches)
+                if epoch_ends:
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                stepped = True
+                done = state.step >= self.plan.total_steps
+                self._after_step(window, out, done)
+                after_step(state.step)
+                if done:
+                    break
+            if not stepped:
+                if state.step == 0:
+                    raise RuntimeError("the training shard yielded no batches; check train_file and the quarantine files")
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0  # an empty remainder of an epoch
+
+    def _steps_of_epoch(self):
+        """This epoch's optimizer steps from where the run stands: (micro-batches, is the epoch's last step)."""
+        cfg, state = self.cfg, self.state
+        batches = iter_train_batches(self.train_shard, cfg.micro_batch, epoch=state.epoch, seed=cfg.seed,
                                      skip_batches=state.batch_in_epoch)
-        for batch, is_last in _with_last(batches):
-            state.batch_in_epoch += 1
-            boundary = state.batch_in_epoch % cfg.accumulation == 0 or is_last
-            tokens, images = batch_stats(batch)
-            window.add(engine.forward_backward(batch, boundary), tokens, images)
-            if not boundary:
-                continue
-            grad_norm = engine.step()
-            state.step += 1
-            if is_last:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            done = state.step >= plan.total_steps
-            metrics = None
-            if state.step % cfg.log_every == 0 or done:
-                metrics = window.flush(state, engine.lr(), grad_norm, world, device)
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and not done:
-                metrics = {**(metrics or {"step": state.step}), **run_eval(f"step{state.step}")}
-            save = done or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)
-            if done:
-                metrics = {**(metrics or {"step": state.step}), **run_eval("after")}
-            if metrics is not None or save:
-                metrics = metrics or {"step": state.step}
-                history.append(metrics)
-                _report(cfg, plan, metrics, engine, state, history, rank, with_checkpoint=bool(save), final=done)
-            kill(state.step)
-            if done:
-                break
-        else:
-            if state.batch_in_epoch:  # the shard ended without a last marker (empty epoch)
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        if state.step == 0 and state.batch_in_epoch == 0 and not done:
-            raise RuntimeError("the training shard yielded no batches; check train_file and on_bad_record quarantine")
+        group: list[dict] = []
+        pending = None  # one batch of lookahead tells which group ends the epoch
+        for batch in batches:
+            if pending is not None:
+                group.append(pending)
+                if len(group) == cfg.accumulation:
+                    yield group, False
+                    group = []
+            pending = batch
+        if pending is not None:
+            yield group + [pending], True
+
+    def _after_step(self, window: "_Window", out, done: bool) -> None:
+        """Log, evaluate, checkpoint and report as the cadences say; every rank decides the same."""
+        cfg, step = self.cfg, self.state.step
+        metrics, since_report = {}, 0.0
+        if step % cfg.log_every == 0 or done:
+            metrics, since_report = window.flush(step, self.state.epoch, self.engine.lr(), out.grad_norm,
+                                                 self.worker, time.perf_counter() - self._last_report)
+        evaluated = {}
+        if cfg.eval_every and step % cfg.eval_every == 0 and not done:
+            evaluated = self.evaluate(f"step{step}")
+        if done:
+            evaluated = self.evaluate("after")
+        row = {**metrics, **evaluated}
+        if row:
+            self.log({"step": step, **row})
+        save = done or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        due = bool(metrics) and since_report >= cfg.report_every_s
+        if save or evaluated or due:
+            self.report({"step": step, **row}, checkpoint=save, final=done)
+        if metrics:
+            window.t0 = time.perf_counter()  # throughput counts training, not logging, evaluation or reporting
+
+    def log(self, row: dict) -> None:
+        """One row per logged step: the console and metrics files (rank 0), and the checkpointed history."""
+        row["wall_time"] = round(time.time(), 3)
+        self.history.append(row)
+        if self.logger is not None:
+            self.logger.log(row)
+
+    def evaluate(self, tag: str) -> dict:
+        return _evaluate(self.engine.model, self.cfg, self.plan, self.worker, step=self.state.step, tag=tag)
+
+    # -- report and save
+    def report(self, metrics: dict, checkpoint: bool = False, final: bool = False) -> None:
+        """Report to Ray on every rank (with this rank's checkpoint pieces when saving).
+
+        Ray Train V2 drains a worker's one-entry result queue about every 2 s, so a report blocks until
+        the previous one was taken: reports come on a cadence (report_every_s), never every fast step.
+        """
+        import ray.train
+
+        self._last_report = time.perf_counter()
+        if self._first_report:  # a worker's first report says where it runs (Tune sweeps check and release it)
+            where = ray.get_runtime_context()
+            metrics = {**metrics, "node_id": where.get_node_id(), "placement_group_id": where.get_placement_group_id()}
+            self._first_report = False
+        if not checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="phi3v-ckpt-") as tmp:
+            self.save(Path(tmp), final)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def save(self, directory: Path, final: bool) -> None:
+        write_checkpoint(directory, self.engine, self.state, self.history, self.cfg.to_dict(), self.worker.rank,
+                         final_weights_from=self.plan.checkpoint_dir if final else None)
+
+    def cleanup(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
 
 
 class _Window:
-    """Loss and throughput accumulated between two reports."""
+    """Loss and throughput of the optimizer steps since the last logged step."""
 
     def __init__(self):
         self.reset()
 
-    def reset(self):
-        self.losses, self.tokens, self.images, self.t0 = [], 0, 0, time.perf_counter()
+    def reset(self) -> None:
+        self.loss_sum, self.steps, self.tokens, self.images = None, 0, 0, 0
+        self.t0 = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, tokens: int, images: int):
-        self.losses.append(loss)
-        self.tokens += tokens
-        self.images += images
+    def add(self, out, micro_batches: list[dict]) -> None:
+        self.loss_sum = out.loss_sum if self.loss_sum is None else self.loss_sum + out.loss_sum
+        self.steps += 1
+        for batch in micro_batches:
+            tokens, images = batch_stats(batch)
+            self.tokens += tokens
+            self.images += images
 
-    def flush(self, state: TrainState, lr: float, grad_norm: float, world: int, device) -> dict:
+    def flush(self, step: int, epoch: int, lr: float, grad_norm, worker: Worker, since_report: float) -> tuple[dict, float]:
+        """Every rank calls this at the same step: sums across ranks in one all-reduce (the one sync per log).
+
+        Returns the metrics and rank 0's seconds since its last report, the same number on every rank,
+        so all ranks agree whether to report now.
+        """
         elapsed = time.perf_counter() - self.t0
-        loss_sum = float(torch.stack(self.losses).double().sum()) if self.losses else 0.0  # the one sync per report
-        sums = torch.tensor([loss_sum, len(self.losses), self.tokens, self.images], dtype=torch.float64)
-        if world > 1:
-            sums = sums.to(device if device.type == "cuda" else "cpu")
+        device = worker.device
+        sums = torch.stack([
+            (self.loss_sum if self.loss_sum is not None else torch.zeros((), device=device)).double().to(device),
+            torch.tensor(float(self.tokens), dtype=torch.float64, device=device),
+            torch.tensor(float(self.images), dtype=torch.float64, device=device),
+            torch.tensor(since_report if worker.rank == 0 else 0.0, dtype=torch.float64, device=device),
+        ])
+        if worker.world_size > 1:
             dist.all_reduce(sums)
-            sums = sums.cpu()
-        loss_sum, n, tokens, images = sums.tolist()
+        loss_sum, tokens, images, since_report = sums.tolist()
         metrics = {
-            "step": state.step,
-            "epoch": state.epoch,
-            "loss": loss_sum / max(n, 1),
+            "step": step,
+            "epoch": epoch,
+            "loss": loss_sum / max(self.steps, 1),  # the mean of the steps' token-normalised losses
             "lr": lr,
-            "grad_norm": grad_norm,
+            "grad_norm": float(grad_norm),
             "tokens_per_s": tokens / elapsed,
             "images_per_s": images / elapsed,
             "peak_mem_gb": (torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else _rss_gb(),
         }
         self.reset()
-        return metrics
-
-
-_START = time.time()
-
-
-def _progress(step: int, total: int, width: int = 20) -> str:
-    """A text progress bar with an ETA: `[#####---------------] 5/20 eta 1m40s`."""
-    if total <= 0:
-        return ""
-    done = min(step / total, 1.0)
-    elapsed = time.time() - _START
-    eta = elapsed / done * (1 - done) if done > 0 else float("nan")
-    eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta == eta else "?"
-    return f"[{'#' * round(done * width)}{'-' * (width - round(done * width))}] {step}/{total} eta {eta_text}"
+        return metrics, since_report
 
 
 def _rss_gb() -> float:
@@ -434,117 +372,3 @@ def _rss_gb() -> float:
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
-
-def _with_last(iterable):
-    """Yield (item, is_last) with one item of lookahead."""
-    iterator = iter(iterable)
-    try:
-        current = next(iterator)
-    except StopIteration:
-        return
-    for following in iterator:
-        yield current, False
-        current = following
-    yield current, True
-
-
-_PLACEMENT_REPORTED = False
-
-
-def _report(cfg, plan, metrics, engine, state, history, rank, with_checkpoint: bool, final: bool = False) -> None:
-    """Every worker calls this the same number of times; checkpoints merge the pieces each rank writes."""
-    import ray.train
-
-    if rank == 0:
-        line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-        say(f"{_progress(state.step, plan.total_steps)} {line}")
-        write_text(f"{plan.run_dir}/artifacts/metrics.jsonl", json.dumps(metrics) + "\n", append=True)
-        _tensorboard(plan, metrics)
-        _mlflow(plan, metrics)
-    global _PLACEMENT_REPORTED
-    if not _PLACEMENT_REPORTED:  # a worker's first report says where it runs (Tune sweeps check and release it)
-        where = ray.get_runtime_context()
-        metrics = {**metrics, "node_id": where.get_node_id(), "placement_group_id": where.get_placement_group_id()}
-        _PLACEMENT_REPORTED = True
-    if not with_checkpoint:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="phi3v-ckpt-") as tmp:
-        directory = Path(tmp)
-        engine.save(directory, rank)
-        torch.save(torch.get_rng_state(), directory / f"rng_rank{rank}.pt")
-        if rank == 0:
-            (directory / "train_state.json").write_text(
-                json.dumps({"state": asdict(state), "history": history, "config": cfg.to_dict()}, indent=1)
-            )
-            if final:
-                export_weights(engine.model, cfg, plan, directory)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
-
-
-def export_weights(model, cfg: TrainConfig, plan: Plan, directory: Path) -> None:
-    """Final weights: official safetensors layout for full runs, PEFT adapter for LoRA/QLoRA."""
-    if cfg.mode_enum.uses_lora:
-        target = directory / "adapter"
-        if not target.is_dir():  # DDP checkpoints already hold it
-            model.save_pretrained(target, safe_serialization=True)
-    else:
-        target = directory / "model"
-        model.save_pretrained(target, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        source = Path(plan.checkpoint_dir) / name
-        if source.is_file():
-            shutil.copy(source, target / name)
-
-
-_TB = {}
-
-
-def _tensorboard(plan: Plan, metrics: dict) -> None:
-    if "://" in plan.run_dir:
-        return
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return
-    writer = _TB.get(plan.run_dir)
-    if writer is None:
-        writer = _TB[plan.run_dir] = SummaryWriter(f"{plan.run_dir}/artifacts/tensorboard")
-    for key, value in metrics.items():
-        if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-            writer.add_scalar(key, value, metrics["step"])
-    writer.flush()
-
-
-_MLFLOW = {}
-
-
-def _mlflow(plan: Plan, metrics: dict) -> None:
-    """Log to MLflow when it is installed; tracking goes to $MLFLOW_TRACKING_URI or the run's artifacts."""
-    import importlib.util
-
-    if importlib.util.find_spec("mlflow") is None:
-        return
-    import mlflow
-
-    if plan.run_dir not in _MLFLOW:
-        if not os.environ.get("MLFLOW_TRACKING_URI") and "://" not in plan.run_dir:
-            mlflow.set_tracking_uri(f"file://{plan.run_dir}/artifacts/mlruns")
-        mlflow.set_experiment(Path(plan.run_dir).name)
-        _MLFLOW[plan.run_dir] = mlflow.start_run()
-    mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()
-                        if isinstance(v, (int, float)) and k != "step" and math.isfinite(v)}, step=int(metrics["step"]))
-
-
-def _fault_injection(rank: int, spec: str):
-    """Chaos hook: "rank:step:marker" ends that rank's process once, after that step (the marker file records it)."""
-    if not spec:
-        return lambda step: None
-    fault_rank, fault_step, marker = spec.split(":", 2)
-
-    def maybe_die(step: int) -> None:
-        if rank == int(fault_rank) and step == int(fault_step) and not os.path.exists(marker):
-            Path(marker).write_text(f"killed rank {rank} after step {step}\n")
-            os._exit(1)
-
-    return maybe_die

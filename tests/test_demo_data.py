@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from datasets_ray.demo import COLOURS, DIGITS, TASKS, make_demo_dataset
-from datasets_ray.schema import count_images, validate_file
+from datasets_ray.schema import validate_file
 
 SMALL = dict(n_train=24, n_val=8, n_test=8)
 
@@ -50,7 +50,7 @@ def test_task_shapes(tmp_path):
         assert set(counts) == answers and len(set(counts.values())) == 1  # balanced
         for r in records:
             turn = r["conversations"][0]
-            assert count_images(r) == n_images
+            assert len(turn["images"]) == n_images
             assert turn["user"].endswith("\n" + question)
             assert turn["user"].startswith("".join(f"<|image_{k}|>" for k in range(1, n_images + 1)))
         if task == "digit":

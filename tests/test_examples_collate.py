@@ -6,13 +6,8 @@ import torch
 from PIL import Image
 
 from phi3v_ray.collate import batch_stats, collate
-from phi3v_ray.examples import (
-    IGNORE_INDEX,
-    SequenceTooLong,
-    build_example,
-    build_generation_prompt,
-    chat_prompt,
-)
+from phi3v_ray.constants import IGNORE_INDEX
+from phi3v_ray.examples import SequenceTooLong, build_example, build_generation_prompt, chat_prompt
 from phi3v_ray.processor import Phi3VImageProcessor, Phi3VProcessor, tokens_per_image
 
 BOS, ENDOFTEXT, ASSISTANT, END, USER, SYSTEM = 1, 32000, 32001, 32007, 32010, 32006
@@ -260,3 +255,29 @@ def test_batch_equals_examples_one_by_one(tiny_ckpt, processor, processor2):
     # the batch loss is the token-weighted mean of the per-example losses
     expected = sum(l * n for l, n in per_example) / sum(n for _, n in per_example)
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def _object_column(values) -> np.ndarray:
+    """A ragged column as Ray Data hands it over in a numpy batch: an object array of arrays."""
+    column = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        column[i] = v
+    return column
+
+
+def test_collate_fn_on_a_numpy_batch(processor, processor2):
+    import pickle
+
+    from phi3v_ray.collate import Phi3VCollate
+
+    rows = [{**_as_row(e), "id": f"r{i}"} for i, e in enumerate(_rows(processor, processor2))]
+    batch = {k: _object_column([r[k] for r in rows]) for k in ("input_ids", "labels", "pixel_values", "image_sizes")}
+    batch["id"] = np.asarray([r["id"] for r in rows], dtype=object)
+    collate_fn = Phi3VCollate(padding_side="left", return_ids=True)
+    out = collate_fn(batch)
+    expected = collate(rows, padding_side="left")
+    assert out["ids"] == ["r0", "r1", "r2"]
+    for k, v in expected.items():
+        torch.testing.assert_close(out[k], v)
+    copy = pickle.loads(pickle.dumps(collate_fn))
+    assert type(copy) is Phi3VCollate and (copy.padding_side, copy.return_ids) == ("left", True)

@@ -14,14 +14,8 @@ from phi3v_ray.model import Phi3VConfig, Phi3VForCausalLM, Phi3VImageEmbedding, 
 from phi3v_ray.processor import tokens_per_image as processor_tokens_per_image
 from phi3v_ray.tiny import tiny_config_dict
 
-OFFICIAL_CONFIG = "/work/shared/reference/phi-3.5-vision-instruct.config.json"
 VE = "model.vision_embed_tokens."
 VM = VE + "img_processor.vision_model."
-
-
-def official_config() -> Phi3VConfig:
-    with open(OFFICIAL_CONFIG) as f:
-        return Phi3VConfig(**json.load(f))
 
 
 def expected_official_shapes() -> dict[str, tuple[int, ...]]:
@@ -70,7 +64,7 @@ def expected_official_shapes() -> dict[str, tuple[int, ...]]:
 @pytest.fixture(scope="module")
 def meta_model():
     with torch.device("meta"):
-        return Phi3VForCausalLM(official_config())
+        return Phi3VForCausalLM(Phi3VConfig.official())
 
 
 def test_official_names_and_shapes(meta_model):
@@ -107,13 +101,12 @@ def test_official_config_rope_and_attention(monkeypatch, meta_model):
     assert meta_model.model.embed_tokens.padding_idx == 32000
 
     monkeypatch.setattr(configuration, "flash_attn_available", lambda: False)
-    assert official_config()._attn_implementation == "sdpa"  # config.json names flash_attention_2
+    assert Phi3VConfig.official()._attn_implementation == "sdpa"  # config.json names flash_attention_2
 
 
 def test_official_config_round_trip_keeps_su_layout():
-    saved = official_config().to_dict()
-    with open(OFFICIAL_CONFIG) as f:
-        original = json.load(f)
+    saved = Phi3VConfig.official().to_dict()
+    original = json.loads(configuration.official_config_path().read_text())
     assert saved["rope_scaling"] == original["rope_scaling"]  # type "su", both factor lists unchanged
     assert saved["original_max_position_embeddings"] == 4096 and saved["rope_theta"] == 10000.0
     assert saved["embd_layer"] == original["embd_layer"] and saved["img_processor"] == original["img_processor"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from phi3v_ray.model import Phi3VForCausalLM
-from phi3v_ray.modes import Mode, LoraSettings, apply_mode, enable_gradient_checkpointing, trainable_parameter_names
+from phi3v_ray.modes import Mode, LoraSettings, apply_mode, enable_gradient_checkpointing
 
 UNUSED = re.compile(r"img_processor\.vision_model\.(post_layernorm|encoder\.layers\.2)\.")  # tiny CLIP has 3 layers
 VISION = "model.vision_embed_tokens."
@@ -16,6 +16,10 @@ VISION = "model.vision_embed_tokens."
 
 def _model(tiny_ckpt):
     return Phi3VForCausalLM.from_pretrained(tiny_ckpt)
+
+
+def trainable_parameter_names(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def _batch(model):

@@ -86,7 +86,7 @@ def test_preprocessing_on_the_cpu_pool_training_on_the_gpu_pool(cluster, tmp_pat
     from ray.util.state import list_actors, list_tasks
 
     c, ids, dashboard = cluster
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         name="multinode", storage_path=str(tmp_path / "runs"), checkpoint=str(tiny_ckpt),
         train_file=str(demo_data / "train.jsonl"), images_root=str(demo_data / "images"),
         num_crops=1, precision="fp32", attention="sdpa", mode="lora", lora_rank=4, lora_alpha=8,

@@ -10,6 +10,7 @@ import json
 import shutil
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -18,13 +19,10 @@ from PIL import Image, ImageFile
 
 from datasets_ray.pipeline import (
     MANIFEST_COLUMNS,
-    DataSettings,
+    DataPaths,
     Phi3VPreprocessor,
-    Phi3VCollateFn,
     build_dataset,
     check_cpu_budget,
-    ingest_options,
-    iter_train_batches,
     map_batches_kwargs,
     quarantine_report,
     read_quarantine,
@@ -32,7 +30,8 @@ from datasets_ray.pipeline import (
     write_manifest,
 )
 from datasets_ray.schema import BadRecord, write_jsonl
-from phi3v_ray.collate import collate
+from phi3v_ray.collate import Phi3VCollate, collate, iter_train_batches
+from phi3v_ray.config import ConfigError, DataConfig
 from phi3v_ray.examples import build_example
 from phi3v_ray.processor import Phi3VProcessor
 
@@ -73,12 +72,19 @@ def demo_records(root: Path, n: int | None = None) -> list[dict]:
     return [json.loads(t) for t in lines[:n]]
 
 
-def settings_for(root: Path, ckpt: Path, files: list[Path], tmp: Path, **kw) -> DataSettings:
-    kw = {
-        "num_crops": NUM_CROPS, "max_pixels": MAX_PIXELS, "max_length": MAX_LENGTH,
-        "quarantine_dir": str(tmp / "quarantine"), "work_dir": str(tmp / "work"), **kw,
-    }
-    return DataSettings(train_files=[str(f) for f in files], images_root=str(root / "images"), processor_dir=str(ckpt), **kw)
+class Inputs(NamedTuple):
+    """build_dataset's arguments: `build_dataset(*inputs)`."""
+
+    data: DataConfig
+    paths: DataPaths
+    files: list[str]
+
+
+def settings_for(root: Path, ckpt: Path, files: list[Path], tmp: Path, **kw) -> Inputs:
+    """The test's data settings (kw: DataConfig fields) and a run's paths under tmp."""
+    kw = {"num_crops": NUM_CROPS, "max_pixels": MAX_PIXELS, "max_length": MAX_LENGTH, **kw}
+    paths = DataPaths(processor_dir=str(ckpt), quarantine_dir=str(tmp / "quarantine"), work_dir=str(tmp / "work"))
+    return Inputs(DataConfig(images_root=str(root / "images"), **kw), paths, [str(f) for f in files])
 
 
 def expected_example(processor: Phi3VProcessor, root: Path, rec: dict):
@@ -90,30 +96,29 @@ def expected_example(processor: Phi3VProcessor, root: Path, rec: dict):
 # ------------------------------------------------------------------------------------ settings
 
 
-def test_settings_report_every_problem_at_once(tmp_path):
-    s = DataSettings(
-        train_files=[str(tmp_path / "nope.jsonl")], images_root=str(tmp_path / "missing"), processor_dir=str(tmp_path),
-        num_crops=17, overflow="cut", on_bad_record="skip", preprocess_concurrency=(3, 1), num_cpus_per_actor=0,
-    )
-    with pytest.raises(ValueError) as e:
-        s.validate()
-    for name in ("train_files", "images_root", "processor_dir", "num_crops", "overflow", "quarantine_dir",
-                 "preprocess_concurrency", "num_cpus_per_actor"):
-        assert name in str(e.value)
+def test_inputs_report_every_problem_at_once(tmp_path):
+    data = DataConfig(images_root=str(tmp_path / "missing"), num_crops=17, overflow="cut", on_bad_record="skip",
+                      preprocess_actors=3, preprocess_max_actors=1, preprocess_cpus=0)
+    with pytest.raises(ConfigError) as e:  # before anything is written or Ray is asked for
+        build_dataset(data, DataPaths(processor_dir=str(tmp_path)), [tmp_path / "nope.jsonl"])
+    assert {p.field for p in e.value.problems} == {"files", "images_root", "processor_dir", "num_crops", "overflow",
+                                                   "quarantine_dir", "preprocess_max_actors", "preprocess_cpus"}
 
 
 def test_cpu_rules_and_actor_arguments(tmp_path):
-    s = DataSettings(train_files=["x"], preprocess_concurrency=(1, 2), num_cpus_per_actor=0.5, node_resource="data_node")
+    s = DataConfig(preprocess_actors=1, preprocess_max_actors=2, preprocess_cpus=0.5, data_node_resource="data_node")
     assert recommended_ray_init_cpus(2, 1.0, s) == 4  # 2 workers + 2 × 0.5 actors + 0.25 read → 4
-    with pytest.raises(ValueError, match="wait forever.*num_cpus=4"):
+    with pytest.raises(ConfigError, match="wait forever.*num_cpus=4") as err:
         check_cpu_budget(2, 2, 1.0, s)  # STACK_NOTES: two 1-CPU workers on ray.init(num_cpus=2) starve Ray Data
+    assert err.value.problems[0].field == "cpus_per_worker"
     check_cpu_budget(4, 2, 1.0, s)
     check_cpu_budget(2, 2, 0.5, s)
-    opts = ingest_options(DataSettings(object_store_memory_limit=2**26))
-    assert opts.preserve_order and opts.resource_limits.object_store_memory == 2**26
-    kw = map_batches_kwargs(s)
+    kw = map_batches_kwargs(s, DataPaths(processor_dir="ckpt"))
     assert kw["num_cpus"] == 0.5 and kw["resources"] == {"data_node": pytest.approx(0.001)}
     assert (kw["compute"].min_size, kw["compute"].max_size) == (1, 2)
+    assert kw["fn_constructor_kwargs"] == {"data": s, "paths": DataPaths(processor_dir="ckpt"), "split": "train"}
+    fixed = map_batches_kwargs(DataConfig(preprocess_actors=3), DataPaths(processor_dir="ckpt"))
+    assert (fixed["compute"].min_size, fixed["compute"].max_size) == (3, 3) and "resources" not in fixed
 
 
 # ------------------------------------------------------------------------------------ rows
@@ -129,7 +134,7 @@ def nine_records(ray_local, pipe_root, tiny_ckpt, tmp_path_factory):
         tmp = tmp_path_factory.mktemp("nine")
         records = demo_records(pipe_root, 8) + [record("text-only", [])]
         write_jsonl(tmp / "train.jsonl", records)
-        ds = build_dataset(settings_for(pipe_root, tiny_ckpt, [tmp / "train.jsonl"], tmp, preprocess_batch_size=3))
+        ds = build_dataset(*settings_for(pipe_root, tiny_ckpt, [tmp / "train.jsonl"], tmp, preprocess_batch_size=3))
         _NINE.update(records=records, ds=ds, materialized=ds.materialize())
     return _NINE
 
@@ -156,8 +161,9 @@ def test_rows_match_processor_with_ragged_images(nine_records, pipe_root, tiny_c
         np.testing.assert_array_equal(np.asarray(row["image_sizes"]).reshape(-1, 2), ex.image_sizes)
         assert (row["num_images"], row["num_tokens"]) == (ex.num_images, len(ex.input_ids))
 
-    # The same rows through iter_torch_batches with the collate class (no re-execution: materialized).
-    batches = list(mat.iter_torch_batches(batch_size=4, collate_fn=Phi3VCollateFn(return_ids=True)))
+    # The same rows as the training worker batches them, in file order (no re-execution: materialized).
+    batches = list(iter_train_batches(mat, micro_batch=4, epoch=0, seed=0, shuffle_buffer=None,
+                                      collate_fn=Phi3VCollate(return_ids=True)))
     assert [i for b in batches for i in b["ids"]] == [r["id"] for r in records]
     first = collate(rows[:4])
     for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes"):
@@ -168,7 +174,7 @@ def test_rows_match_processor_with_ragged_images(nine_records, pipe_root, tiny_c
 def test_shuffle_is_seeded_and_resume_skips_batches(nine_records):
     def epoch_ids(data, epoch, skip=0):
         it = iter_train_batches(data, micro_batch=2, epoch=epoch, seed=7, shuffle_buffer=4, skip_batches=skip,
-                                collate_fn=Phi3VCollateFn(return_ids=True))
+                                collate_fn=Phi3VCollate(return_ids=True))
         return [b["ids"] for b in it]
 
     first = epoch_ids(nine_records["materialized"], 0)
@@ -189,7 +195,7 @@ def test_streams_through_a_small_object_store(ray_local, pipe_root, tiny_ckpt, t
     write_jsonl(tmp_path / "train.jsonl", demo_records(pipe_root, 16))
     s = settings_for(pipe_root, tiny_ckpt, [tmp_path / "train.jsonl"], tmp_path,
                      object_store_memory_limit=limit, preprocess_batch_size=1)
-    ds = build_dataset(s)
+    ds = build_dataset(*s)
     assert ds.context.execution_options.resource_limits.object_store_memory == limit
     rows = images = pixel_bytes = 0
     for batch in iter_train_batches(ds, micro_batch=2, epoch=0, seed=0, shuffle_buffer=None):
@@ -202,13 +208,13 @@ def test_streams_through_a_small_object_store(ray_local, pipe_root, tiny_ckpt, t
 
 @pytest.mark.slow  # ~20 s: TorchTrainer start-up
 def test_train_workers_holding_cpus_do_not_stall_the_pipeline(ray_local, pipe_root, tiny_ckpt, tmp_path):
-    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     write_jsonl(tmp_path / "train.jsonl", demo_records(pipe_root, 8))
     s = settings_for(pipe_root, tiny_ckpt, [tmp_path / "train.jsonl"], tmp_path)
-    check_cpu_budget(ray_local.cluster_resources()["CPU"], 2, 1.0, s)
-    ds = build_dataset(s)
+    check_cpu_budget(ray_local.cluster_resources()["CPU"], 2, 1.0, s.data)
+    ds = build_dataset(*s)
     out = tmp_path / "counts"
     out.mkdir()
 
@@ -218,7 +224,7 @@ def test_train_workers_holding_cpus_do_not_stall_the_pipeline(ray_local, pipe_ro
 
         import ray.train
 
-        from datasets_ray.pipeline import iter_train_batches
+        from phi3v_ray.collate import iter_train_batches
 
         shard = ray.train.get_dataset_shard("train")
         rows = images = 0
@@ -234,7 +240,6 @@ def test_train_workers_holding_cpus_do_not_stall_the_pipeline(ray_local, pipe_ro
         train_loop_config={"out": str(out)},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
         datasets={"train": ds},
-        dataset_config=DataConfig(execution_options=ingest_options(s)),
         run_config=RunConfig(name="pipeline-ingest", storage_path=str(tmp_path / "runs")),
     )
     outcome: dict = {}
@@ -270,20 +275,20 @@ def decode_skip_run(ray_local, pipe_root, tiny_ckpt, tmp_path_factory):
             + [BAD_CASES["decompression_bomb"][0], BAD_CASES["sequence_too_long"][0]] + good[4:]
         write_jsonl(tmp / "train.jsonl", records)
         s = settings_for(pipe_root, tiny_ckpt, [tmp / "train.jsonl"], tmp, on_bad_record="skip", preprocess_batch_size=2)
-        ids = [r["id"] for r in build_dataset(s).take_all()]
+        ids = [r["id"] for r in build_dataset(*s).take_all()]
         _SKIP_RUN.update(
-            file=str(tmp / "train.jsonl"), records=records, ids=ids,
-            report=quarantine_report(s.quarantine_dir), entries=read_quarantine(s.quarantine_dir, "train", "decode"),
+            file=str(tmp / "train.jsonl"), records=records, ids=ids, report=quarantine_report(s.paths.quarantine_dir),
+            entries=read_quarantine(s.paths.quarantine_dir, "train", "decode"),
         )
     return _SKIP_RUN
 
 
-def run_preprocessor_in_process(settings: DataSettings, path: Path) -> dict:
+def run_preprocessor_in_process(settings: Inputs, path: Path) -> dict:
     """The map_batches callable on one batch of manifest rows, called here as a Ray actor calls it."""
-    manifest = write_manifest(settings, [path], "train")
+    manifest = write_manifest(settings.data, settings.paths, [path], "train")
     rows = [json.loads(t) for t in manifest.path.read_text().splitlines()]
     batch = {k: np.asarray([r[k] for r in rows], dtype=object) for k in MANIFEST_COLUMNS}
-    return Phi3VPreprocessor(settings, "train")(batch)
+    return Phi3VPreprocessor(settings.data, settings.paths, "train")(batch)
 
 
 @pytest.mark.parametrize("case", list(BAD_CASES))
@@ -315,7 +320,7 @@ def test_decode_error_reaches_the_driver_through_ray(ray_local, pipe_root, tiny_
     bad, words = BAD_CASES["truncated_image"]
     path = tmp_path / "train.jsonl"
     write_jsonl(path, demo_records(pipe_root, 2) + [bad])
-    ds = build_dataset(settings_for(pipe_root, tiny_ckpt, [path], tmp_path, on_bad_record="fail"))
+    ds = build_dataset(*settings_for(pipe_root, tiny_ckpt, [path], tmp_path, on_bad_record="fail"))
     with pytest.raises(Exception) as err:
         ds.take_all()
     message = str(err.value)
@@ -341,7 +346,7 @@ def test_driver_side_bad_records_fail_with_file_and_line(pipe_root, tiny_ckpt, t
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(driver_bad_lines(pipe_root)) + "\n")
     with pytest.raises(BadRecord) as err:
-        build_dataset(settings_for(pipe_root, tiny_ckpt, [path], tmp_path))
+        build_dataset(*settings_for(pipe_root, tiny_ckpt, [path], tmp_path))
     assert (err.value.path, err.value.line) == (str(path), 2) and "malformed JSON" in str(err.value)
 
 
@@ -350,13 +355,13 @@ def test_driver_side_bad_records_are_quarantined_and_counted(ray_local, pipe_roo
     first.write_text("\n".join(driver_bad_lines(pipe_root)) + "\n")
     write_jsonl(second, [record("ok-2", ["train/demo-train-00002.0.png"]), record("ok-3", ["train/demo-train-00003.0.png"])])
     s = settings_for(pipe_root, tiny_ckpt, [first, second], tmp_path, on_bad_record="skip")
-    ids = [r["id"] for r in build_dataset(s).take_all()]
+    ids = [r["id"] for r in build_dataset(*s).take_all()]
 
     assert ids == ["ok-1", "ok-2", "ok-3"]
-    entries = read_quarantine(s.quarantine_dir, "train", "validate")
+    entries = read_quarantine(s.paths.quarantine_dir, "train", "validate")
     where = {(Path(e["file"]).name, e["line"]) for e in entries}
     assert where == {("a.jsonl", n) for n in range(2, 9)} | {("b.jsonl", 1)}  # the repeat of ok-2 in b.jsonl too
     assert all(e["reason"] and "raw" in e for e in entries)
-    report = quarantine_report(s.quarantine_dir)
+    report = quarantine_report(s.paths.quarantine_dir)
     assert report == {"train.validate": 8}
     assert len(ids) + report["train.validate"] == 9 + 2

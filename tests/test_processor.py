@@ -6,15 +6,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from phi3v_ray.processor import (
-    CLIP_MEAN,
-    CLIP_STD,
-    Phi3VImageProcessor,
-    Phi3VProcessor,
-    check_tags,
-    hd_scale,
-    tokens_per_image,
-)
+from phi3v_ray.constants import CLIP_MEAN, CLIP_STD
+from phi3v_ray.processor import Phi3VImageProcessor, Phi3VProcessor, check_tags, hd_scale, tokens_per_image
 
 CROP = 336
 MEAN = torch.tensor(CLIP_MEAN).reshape(3, 1, 1)

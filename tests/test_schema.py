@@ -7,10 +7,8 @@ import pickle
 import pytest
 from PIL import Image
 
-from datasets_ray.schema import (
-    BadRecord, check_unique_ids, count_images, image_tags, iter_jsonl, parse_line, validate_file,
-    validate_record, write_jsonl,
-)
+from datasets_ray.schema import BadRecord, iter_jsonl, parse_line, validate_file, validate_record, write_jsonl
+from phi3v_ray.constants import image_tag, image_tags
 
 
 @pytest.fixture
@@ -51,7 +49,8 @@ def test_multi_turn_tags_are_global(root):
         {"images": ["a.png"], "user": "<|image_1|>\nfirst", "assistant": "x"},
         {"images": ["b.png", "sub/c.png"], "user": "<|image_2|><|image_3|>\nsecond", "assistant": "y"},
     ]}
-    assert count_images(validate_record(r, root)) == 3
+    images = [t["images"] for t in validate_record(r, root)["conversations"]]
+    assert images == [["a.png"], ["b.png", "sub/c.png"]]
     r["conversations"][1]["user"] = "<|image_1|><|image_2|>\nsecond"
     assert "expected tags [2, 3]" in bad_reason(r, root)
 
@@ -59,6 +58,7 @@ def test_multi_turn_tags_are_global(root):
 def test_image_tags():
     assert image_tags("<|image_2|>x<|image_10|><|image_2|>") == [2, 10, 2]
     assert image_tags("<image>") == []
+    assert image_tags(image_tag(3) + image_tag(12)) == [3, 12]
 
 
 def test_malformed_json_line():
@@ -146,13 +146,6 @@ def test_empty_answer(root, answer):
 
 def test_too_many_images(root):
     assert "more than the limit 1" in bad_reason(rec(images=["a.png", "b.png"]), root, max_images_per_turn=1)
-
-
-def test_check_unique_ids():
-    check_unique_ids([rec("a"), rec("b")])
-    with pytest.raises(BadRecord) as e:
-        check_unique_ids([rec("a"), rec("b"), rec("a")], path="f.jsonl")
-    assert e.value.record_id == "a" and e.value.line == 3
 
 
 def test_bad_record_survives_pickle():

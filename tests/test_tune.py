@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from phi3v_ray.config import ConfigError, TrainConfig, load_config
+from phi3v_ray.config import ConfigError, Problem, TrainConfig, load_config
 from tune_spaces.run import max_concurrent_trials, trial_bundles, trial_variants, base_config
-from tune_spaces.spaces import (DERIVED_KEYS, SPACES, SweepSpace, apply_sample, candidate_values, get_space, to_tune,
-                                validate_space)
+from tune_spaces.spaces import (DERIVED_KEYS, SPACES, SweepSpace, apply_sample, candidate_problems, candidate_values,
+                                get_space, to_tune, validate_space)
 
-FIELDS = set(TrainConfig.__dataclass_fields__)
+FIELDS = set(TrainConfig.setting_names())
 
 
 def _overrides(tmp_path, demo_data, tiny_ckpt, **changes) -> dict:
@@ -47,6 +47,7 @@ def _overrides(tmp_path, demo_data, tiny_ckpt, **changes) -> dict:
         "max_failures": 0,
         "preprocess_cpus": 0.5,
         "log_every": 1,
+        "report_every_s": 0,  # one report per step: ASHA's rung at step 2 sees every trial there
         **changes,
     }
 
@@ -68,7 +69,7 @@ def test_every_named_space_validates_against_the_config(name, tmp_path):
         values, problem = candidate_values(spec)
         assert problem is None, (key, problem)
         for value in values:
-            apply_sample({**base.to_dict(), **files}, {key: value}).validate()
+            apply_sample(base.replace(**files), {key: value}).validate()
     lr = space.params["lr"]["loguniform"]
     if space.mode in ("full", "frozen_vision"):
         assert 5e-6 <= lr[0] < lr[1] <= 5e-5  # SPEC §5: published 1e-5..2e-5
@@ -96,9 +97,10 @@ def test_a_bad_space_lists_every_problem(tmp_path):
     with pytest.raises(ConfigError) as err:
         validate_space(bad)
     text = str(err.value)
-    for expected in ("mode='lora'", "metric='val/bleu'", "metric_mode='up'", "low < high", "'lora_rnak'",
-                     "num_crops=32", "not both"):
+    for expected in ("mode='lora'", "metric='val/bleu'", "metric_mode='up'", "low < high", "lora_rnak=",
+                     "did you mean 'lora_rank'", "num_crops=32", "not both"):
         assert expected in text, expected
+    assert all(isinstance(p, Problem) for p in err.value.problems)
 
     path = tmp_path / "mine.yaml"
     path.write_text("preset: demo\nmode: full\nmetric: loss\nmetric_mode: min\nnum_samples: 2\n"
@@ -108,7 +110,7 @@ def test_a_bad_space_lists_every_problem(tmp_path):
 
 
 def test_concurrency_follows_what_one_trial_asks_for_and_what_the_nodes_hold():
-    cpu = TrainConfig(num_workers=1, cpus_per_worker=1, preprocess_cpus=0.5)
+    cpu = TrainConfig.from_flat(num_workers=1, cpus_per_worker=1, preprocess_cpus=0.5)
     # 1 CPU worker + 0.5 preprocessing + 0.25 read + 0.01 driver = 1.76 CPUs per trial.
     assert max_concurrent_trials([cpu], [{"CPU": 4}], limit=10) == 2
     assert max_concurrent_trials([cpu], [{"CPU": 4}], limit=1) == 1
@@ -124,6 +126,41 @@ def test_concurrency_follows_what_one_trial_asks_for_and_what_the_nodes_hold():
     assert max_concurrent_trials([h100, l4], nodes, limit=64) == 6  # a space sampling the accelerator uses both pools
     pooled = TrainConfig(num_workers=2, worker_resource="h100_pool")
     assert max_concurrent_trials([pooled], [{"CPU": 32, "h100_pool": 3}], limit=64) == 1
+    autoscaled = cpu.replace(preprocess_actors=1, preprocess_max_actors=3, data_node_resource="data_node")
+    assert trial_bundles(autoscaled)[1:4] == [{"CPU": 0.5, "data_node": 0.001}] * 3  # room for the largest pool
+
+
+def test_every_candidate_value_is_checked_against_the_trainers_validation():
+    def space(**kw) -> SweepSpace:
+        return SweepSpace(**{"name": "s", "preset": "demo", "mode": "lora", "metric": "loss", "metric_mode": "min",
+                             "num_samples": 1, "params": {"lr": {"loguniform": [1e-4, 1e-2]}}, **kw})
+
+    # A range whose upper end the trainer would reject, and a fixed value it would reject.
+    with pytest.raises(ConfigError) as err:
+        validate_space(space(params={"adam_beta1": {"uniform": [0.8, 1.5]}, "lora_dropout": {"choice": [0.1, 1.0]}},
+                             settings={"preprocess_cpus": 0, "max_steps": 10}))
+    problems = {p.field: p for p in err.value.problems}
+    assert set(problems) == {"adam_beta1", "lora_dropout", "preprocess_cpus"}, err.value
+    assert problems["adam_beta1"] == Problem("adam_beta1", 1.5, "must be in [0, 1)")
+    assert problems["lora_dropout"].value == 1.0 and problems["preprocess_cpus"].value == 0.0
+    assert "search space 's'" in str(err.value)
+
+    # Values that break a rule between settings: the demo's 64-example global batch vs micro_batch × workers.
+    with pytest.raises(ConfigError) as err:
+        validate_space(space(params={"micro_batch": {"choice": [2, 3]}}, settings={"grad_accum": 0}))
+    assert [p.field for p in err.value.problems] == ["global_batch"] and "= 6" in err.value.problems[0].fix
+
+    # Choices and types come from TrainConfig too; dotted data keys are settings like the short ones.
+    with pytest.raises(ConfigError) as err:
+        validate_space(space(params={"data.overflow": {"choice": ["reject", "cut"]}, "num_crops": {"choice": [4, "x"]}}))
+    assert {(p.field, p.value) for p in err.value.problems} == {("overflow", "cut"), ("num_crops", "x")}
+    ok = validate_space(space(params={"data.num_crops": {"choice": [1, 16]}}, settings={"data.max_length": 2048}))
+    cfg = apply_sample(load_config("demo").to_dict(), {"data.num_crops": 16, "lora_rank": 8, "lora_alpha_ratio": 2})
+    assert (cfg.data.num_crops, cfg.lora_alpha) == (16, 16.0) and ok.params
+
+    base = load_config("demo")
+    assert candidate_problems(base, "lr", 1e-3) == []
+    assert candidate_problems(base, "lora_alpha_ratio", -1) == [Problem("lora_alpha_ratio", -1, "must be a number > 0")]
 
 
 def test_sampled_accelerator_types_each_get_a_config(tmp_path, demo_data, tiny_ckpt):

@@ -33,21 +33,18 @@ import yaml
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch  # imports optuna only when a search is built
 
-from phi3v_ray.config import ConfigError, TrainConfig, load_config
+from datasets_ray.pipeline import READ_NUM_CPUS
+from phi3v_ray.config import ConfigError, Problem, TrainConfig, load_config, resolve_key
 from phi3v_ray.launch import check_cluster_fits, ensure_ray, resolve_defaults, run_training
-from phi3v_ray.train import write_text
+from phi3v_ray.storage import append_text, write_text
 
 from .spaces import SweepSpace, apply_sample, candidate_values, get_space, to_tune
 
 SWEEP_FILE = "sweep.json"  # what every trial shares (base config, storage) and how the sweep was run
 TRIAL_CPU = 0.01  # the trial driver only waits on its trainer; Tune rejects 0
 ASHA_MAX_T = 10**6  # steps; used when max_steps is 0 (ASHA stops any trial that reaches max_t)
-RESOURCE_KEYS = ("accelerator_type", "worker_resource", "use_gpu", "num_workers", "cpus_per_worker",
-                 "preprocess_actors", "preprocess_cpus")  # sampled keys that change what a trial asks for
-try:
-    from datasets_ray.pipeline import READ_NUM_CPUS
-except ImportError:  # pragma: no cover
-    READ_NUM_CPUS = 0.25
+RESOURCE_KEYS = ("accelerator_type", "worker_resource", "use_gpu", "num_workers", "cpus_per_worker", "preprocess_actors",
+                 "preprocess_max_actors", "preprocess_cpus", "data_node_resource")  # sampled keys that change what a trial asks for
 
 
 # ----------------------------------------------------------------------------- the trial
@@ -69,7 +66,7 @@ def _event(path: str, event: str) -> None:
     import ray
 
     line = {"event": event, "time": time.time(), "node_id": ray.get_runtime_context().get_node_id()}
-    write_text(path, json.dumps(line) + "\n", append=True)
+    append_text(path, json.dumps(line) + "\n")
 
 
 def trial_events(train_storage: str, trial_id: str) -> list[dict]:
@@ -141,7 +138,7 @@ def trial_variants(space: SweepSpace, base: TrainConfig) -> list[TrainConfig]:
     for key, spec in space.params.items():
         values, _ = candidate_values(spec)
         first[key] = values[0]
-    resource = [(k, candidate_values(space.params[k])[0]) for k in RESOURCE_KEYS if k in space.params]
+    resource = [(k, candidate_values(spec)[0]) for k, spec in space.params.items() if resolve_key(k) in RESOURCE_KEYS]
     variants = []
     for combo in itertools.product(*[values for _, values in resource]) if resource else [()]:
         sample = {**first, **{k: v for (k, _), v in zip(resource, combo)}}
@@ -159,9 +156,9 @@ def preflight(variants: list[TrainConfig]) -> None:
 def trial_bundles(cfg: TrainConfig) -> list[dict[str, float]]:
     """Everything one trial holds while it trains: workers, preprocessing actors, a read task, its driver."""
     worker = cfg.worker_resources()
-    pinned = {cfg.data_node_resource: 0.001} if cfg.data_node_resource else {}
-    datasets = 2 if cfg.val_file else 1  # train and val each run their own actor pool
-    data = [{"CPU": cfg.preprocess_cpus, **pinned}] * (cfg.preprocess_actors * datasets)
+    pinned = {cfg.data.data_node_resource: 0.001} if cfg.data.data_node_resource else {}
+    datasets = 2 if cfg.data.val_file else 1  # train and val each run their own actor pool
+    data = [{"CPU": cfg.data.preprocess_cpus, **pinned}] * (cfg.data.actor_pool[1] * datasets)
     return [worker] * cfg.num_workers + data + [{"CPU": READ_NUM_CPUS, **pinned}, {"CPU": TRIAL_CPU}]
 
 
@@ -234,8 +231,13 @@ def run_sweep(
     precheck=False skips the driver-side cluster check (each trial still checks before it trains).
     """
     space = space_name if isinstance(space_name, SweepSpace) else get_space(space_name)
-    if scheduler not in ("asha", "none") or search not in ("random", "optuna"):
-        raise ConfigError([f"scheduler={scheduler!r} search={search!r}: use scheduler asha|none and search random|optuna"])
+    problems = []
+    if scheduler not in ("asha", "none"):
+        problems.append(Problem("scheduler", scheduler, "use asha or none"))
+    if search not in ("random", "optuna"):
+        problems.append(Problem("search", search, "use random or optuna"))
+    if problems:
+        raise ConfigError(problems, what="sweep")
     over = _overrides(overrides)
     if storage_path:
         over["storage_path"] = storage_path
@@ -247,7 +249,7 @@ def run_sweep(
     if resume or tune.Tuner.can_restore(exp_dir):
         saved = json.loads(_read_text(f"{exp_dir}/{SWEEP_FILE}") or "{}")
         if not saved or not tune.Tuner.can_restore(exp_dir):
-            raise ConfigError([f"resume: no sweep to resume in {exp_dir}"])
+            raise ConfigError([Problem("resume", True, f"no sweep to resume in {exp_dir}")], what="sweep")
         print(f"[phi3v-ray tune] resuming {exp_dir} with its saved settings: finished trials keep their results, "
               "unfinished and errored trials run again", flush=True)
         tuner = tune.Tuner.restore(exp_dir, trainable=_trainable(saved), resume_errored=True)
@@ -274,7 +276,8 @@ def run_sweep(
         sched = ASHAScheduler(time_attr="step", grace_period=grace, reduction_factor=space.reduction_factor, max_t=max_t)
     if search == "optuna":
         if any(isinstance(s, dict) and "grid" in s for s in space.params.values()):
-            raise ConfigError([f"space {space.name!r}: optuna cannot sample grid specs; use search=random"])
+            raise ConfigError([Problem("search", search, f"optuna cannot sample the grid specs of space {space.name!r}; "
+                                                         "use search=random")], what="sweep")
         search_alg = _optuna_search(seed, concurrency)
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator

@@ -5,7 +5,9 @@ and how many trials to run by default:
 
     "docvqa-lora": preset docvqa, mode lora, lr log-uniform 5e-5..1e-3, rank 8..128, alpha/rank 0.5..2
 
-Each sampled key is a `TrainConfig` field or a derived key (`lora_alpha_ratio`: alpha = ratio × rank).
+Each sampled key is a `TrainConfig` setting (short or dotted name: `num_crops` or `data.num_crops`) or a
+derived key (`lora_alpha_ratio`: alpha = ratio × rank). Every candidate value is checked against
+TrainConfig's validation before a sweep starts.
 A spec is a one-key dict, e.g. {"loguniform": [1e-5, 1e-3]}, {"uniform": [0, 0.1]},
 {"choice": [8, 16, 32]} or {"grid": ["H100", "L4"]} (every value, num_samples times); a plain value
 is fixed. Learning-rate ranges sit around the recipe's values (SPEC §5): full fine-tuning
@@ -18,14 +20,14 @@ is fixed. Learning-rate ranges sit around the recipe's values (SPEC §5): full f
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 
-from phi3v_ray.config import ConfigError, TrainConfig, load_config
-from phi3v_ray.modes import Mode
+from phi3v_ray.config import ConfigError, Mode, ModeName, Problem, TrainConfig, load_config, resolve_key
 
 DERIVED_KEYS = {"lora_alpha_ratio": "LoRA alpha as a multiple of the rank: lora_alpha = ratio × lora_rank"}
 SPEC_KINDS = ("loguniform", "uniform", "choice", "grid")
@@ -77,7 +79,7 @@ SPACES: dict[str, SweepSpace] = {s.name: s for s in (
     SweepSpace(
         name="demo-lora", preset="demo", mode="lora", metric="loss", metric_mode="min", num_samples=4,
         params={"lr": {"loguniform": [2e-4, 2e-2]}, "lora_rank": {"choice": [4, 8, 16]}, "lora_alpha_ratio": {"choice": [1, 2]}},
-        settings={"num_workers": 1, "epochs": 1, "max_steps": 20, "log_every": 1, "eval_before": False},
+        settings={"num_workers": 1, "epochs": 1, "max_steps": 20, "log_every": 1, "report_every_s": 0, "eval_before": False},
         grace_period=4,
         description="the embedded demo (tiny model, CPU): LoRA lr × rank × alpha on training loss, minutes on a laptop",
     ),
@@ -116,20 +118,23 @@ def get_space(name_or_path: str) -> SweepSpace:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise ConfigError([f"space file {name_or_path!r} not found"])
+            raise ConfigError([Problem("space", name_or_path, "file not found")], what="search space")
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
-            raise ConfigError([f"{name_or_path}: expected a mapping of SweepSpace fields"])
+            raise ConfigError([Problem("space", name_or_path, "expected a mapping of SweepSpace fields")],
+                              what="search space")
         data.setdefault("name", path.stem)
         known = {f.name for f in dataclasses.fields(SweepSpace)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError([f"{name_or_path}: unknown key {k!r}; space fields: {sorted(known)}" for k in unknown])
+            raise ConfigError([Problem(k, data[k], f"unknown key in {name_or_path}; space fields: {sorted(known)}")
+                               for k in unknown], what="search space")
         space = SweepSpace(**data)
     elif name_or_path in SPACES:
         space = SPACES[name_or_path]
     else:
-        raise ConfigError([f"space {name_or_path!r} is neither a YAML file nor a named space; spaces: {', '.join(space_names())}"])
+        raise ConfigError([Problem("space", name_or_path, f"neither a YAML file nor a named space; spaces: "
+                                                          f"{', '.join(space_names())}")], what="search space")
     validate_space(space)
     return space
 
@@ -149,45 +154,59 @@ def _spec_text(spec) -> str:
 
 # ----------------------------------------------------------------- validation
 def validate_space(space: SweepSpace) -> SweepSpace:
-    """Check every field and every candidate value against TrainConfig; raise ConfigError listing all problems."""
-    problems = []
-    where = f"space {space.name!r}"
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    """Check the space's fields and every candidate value against TrainConfig; raise one ConfigError.
+
+    Each fixed setting is checked against the preset (in the space's mode), each sampled value
+    against the preset with the fixed settings applied: a value the trainer would reject is
+    reported with its field, whichever trial would have drawn it.
+    """
+    problems: list[Problem] = []
     try:
-        base = load_config(space.preset, {"mode": space.mode})
+        preset = load_config(space.preset, {"mode": space.mode})
+        problems += preset.value_problems()
     except ConfigError as err:
-        problems += [f"{where}: preset={space.preset!r} mode={space.mode!r}: {p}" for p in err.problems]
-        base = TrainConfig()  # still check the values against the defaults
+        problems += err.problems
+        preset = TrainConfig()  # still check the values against the defaults
     if space.metric_mode not in ("min", "max"):
-        problems.append(f"{where}: metric_mode={space.metric_mode!r}: use min or max")
+        problems.append(Problem("metric_mode", space.metric_mode, "use min or max"))
     if space.metric not in METRICS:
-        problems.append(f"{where}: metric={space.metric!r}: use one of {list(METRICS)}")
-    if space.num_samples < 1 or space.grace_period < 1:
-        problems.append(f"{where}: num_samples={space.num_samples}, grace_period={space.grace_period}: each must be ≥ 1")
+        problems.append(Problem("metric", space.metric, f"use one of {list(METRICS)}"))
+    for name in ("num_samples", "grace_period"):
+        if getattr(space, name) < 1:
+            problems.append(Problem(name, getattr(space, name), "must be ≥ 1"))
     if not space.reduction_factor > 1:
-        problems.append(f"{where}: reduction_factor={space.reduction_factor}: must be > 1")
-    if "lora_alpha" in space.params and "lora_alpha_ratio" in space.params:
-        problems.append(f"{where}: sample lora_alpha or lora_alpha_ratio, not both")
-    if set(space.params) & set(space.settings):
-        problems.append(f"{where}: {sorted(set(space.params) & set(space.settings))} both sampled and fixed")
-    uses_lora = space.mode in [m.value for m in Mode] and Mode(space.mode).uses_lora
-    for key, spec in {**space.settings, **space.params}.items():
-        if key not in fields and key not in DERIVED_KEYS:
-            problems.append(f"{where}: unknown key {key!r}: use a TrainConfig field or one of {sorted(DERIVED_KEYS)}")
-            continue
-        if key.startswith("lora_") and not uses_lora:
-            problems.append(f"{where}: {key} has no effect in mode={space.mode!r}")
-        values, problem = candidate_values(spec)
-        if problem:
-            problems.append(f"{where}: {key}={spec!r}: {problem}")
-            continue
-        for value in values:
-            try:
-                _check_value(base, key, value)
-            except ConfigError as err:
-                problems += [f"{where}: {key}: {p}" for p in err.problems]
+        problems.append(Problem("reduction_factor", space.reduction_factor, "must be > 1"))
+    sampled = {resolve_key(k) or k for k in space.params}
+    if {"lora_alpha", "lora_alpha_ratio"} <= sampled:
+        problems.append(Problem("params", sorted(space.params), "sample lora_alpha or lora_alpha_ratio, not both"))
+    both = sorted(sampled & {resolve_key(k) or k for k in space.settings})
+    if both:
+        problems.append(Problem("params", both, "both sampled and fixed in settings; keep one"))
+    uses_lora = space.mode in get_args(ModeName) and Mode(space.mode).uses_lora
+
+    try:
+        trial_base = preset.replace(**{k: v for k, v in space.settings.items() if k not in DERIVED_KEYS})
+    except ConfigError:  # reported below, value by value
+        trial_base = preset
+    for entries, base in ((space.settings, preset), (space.params, trial_base)):
+        for key, spec in entries.items():
+            name = resolve_key(key) or (key if key in DERIVED_KEYS else None)
+            if name is None:
+                close = difflib.get_close_matches(key, TrainConfig.setting_names() + list(DERIVED_KEYS), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                problems.append(Problem(key, spec, f"unknown key; {hint}use a TrainConfig setting or one of "
+                                                   f"{sorted(DERIVED_KEYS)}"))
+                continue
+            if name.startswith("lora_") and not uses_lora:
+                problems.append(Problem(key, spec, f"has no effect in mode={space.mode!r}"))
+            values, problem = candidate_values(spec)
+            if problem:
+                problems.append(Problem(key, spec, problem))
+                continue
+            for value in values:
+                problems += candidate_problems(base, key, value)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, what=f"search space {space.name!r}")
     return space
 
 
@@ -210,25 +229,21 @@ def candidate_values(spec) -> tuple[list, str | None]:
     return list(args), None
 
 
-def _check_value(base: TrainConfig, key: str, value) -> None:
+def candidate_problems(base: TrainConfig, key: str, value) -> list[Problem]:
+    """What TrainConfig's validation finds when a trial sets key=value on base, and not on base itself.
+
+    Only the checks that need no files on this machine (`TrainConfig.value_problems`): types,
+    choices, ranges and how settings combine (e.g. micro_batch × num_workers vs global_batch).
+    """
     if key == "lora_alpha_ratio":
-        if not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError([f"lora_alpha_ratio={value!r}: must be a number > 0"])
-        return
-    cfg = TrainConfig.from_dict({**base.to_dict(), key: value})  # type coercion
-    # Range checks of validate() that do not depend on data files on this machine.
-    related = {key, "global_batch"} if key in ("micro_batch", "num_workers") else {key}
-    problems = [p for p in _validate_problems(cfg) if p.split("=", 1)[0] in related]
-    if problems:
-        raise ConfigError(problems)
-
-
-def _validate_problems(cfg: TrainConfig) -> list[str]:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        return [] if ok else [Problem(key, value, "must be a number > 0")]
     try:
-        cfg.validate()
-    except ConfigError as err:
+        cfg = base.replace(**{key: value})
+    except ConfigError as err:  # a value of the wrong type
         return err.problems
-    return []
+    before = base.value_problems()
+    return [p for p in cfg.value_problems() if p not in before]
 
 
 # ----------------------------------------------------------------- conversion
@@ -252,11 +267,11 @@ def to_tune(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_sample(base: dict[str, Any], sample: dict[str, Any]) -> TrainConfig:
-    """A trial's TrainConfig: the sweep's base values + this trial's sample, derived keys resolved."""
+def apply_sample(base: dict[str, Any] | TrainConfig, sample: dict[str, Any]) -> TrainConfig:
+    """A trial's TrainConfig: the sweep's base (a TrainConfig or its dict) + this trial's sample, derived keys resolved."""
     sample = dict(sample)
     ratio = sample.pop("lora_alpha_ratio", None)
-    merged = {**base, **sample}
+    cfg = (base if isinstance(base, TrainConfig) else TrainConfig.from_dict(base)).replace(**sample)
     if ratio is not None:
-        merged["lora_alpha"] = float(ratio) * int(merged["lora_rank"])
-    return TrainConfig.from_dict(merged)
+        cfg = cfg.replace(lora_alpha=float(ratio) * cfg.lora_rank)
+    return cfg

@@ -31,33 +31,41 @@ class Converter:
 CONVERTERS: dict[str, Converter] = {
     "ucf101": Converter(
         convert_ucf101,
-        "UCF-101/{Class}/*.avi + ucfTrainTestlist/ -> 8 JPEG frames per video; train/val/test",
+        "UCF-101/{Class}/*.avi + ucfTrainTestlist/, or the recipe's UCF101_subset.tar.gz (or its "
+        "extracted {train,val,test}/{Class}/*.avi) -> 8 JPEG frames per video; train/val/test",
         {
-            "classes": "comma-separated class names, or 'all' (default: the recipe's first 10 of classInd.txt)",
-            "split": "official split list 1, 2 or 3 (default 1)",
-            "val_fraction": "share of train groups gXX (highest numbers) moved to val; 0 = no val (default 0.1)",
+            "classes": "comma-separated class names, or 'all' (default: the recipe's first 10 of classInd.txt; "
+                       "for the subset, all of its classes)",
+            "split": "official split list 1, 2 or 3 (default 1; full download only)",
+            "val_fraction": "share of train groups gXX (highest numbers) moved to val; 0 = no val (default 0.1; "
+                            "full download only, the subset keeps its own val)",
             "jpeg_quality": "JPEG quality of the saved frames (default 95)",
             "overwrite": "re-extract frames that already exist (default false)",
         },
     ),
     "docvqa": Converter(
         convert_docvqa,
-        "DocVQA Task 1 {train,val,test}_v1.0[_withQT].json + documents/ -> train/val, all answers kept",
+        "DocVQA Task 1 {train,val,test}_v1.0[_withQT].json + documents/ (or spdocvqa_qas/ + "
+        "spdocvqa_images/) -> train/val, all answers kept",
         {
-            "images_dir": "folder holding the document images if not next to the json files",
+            "images_dir": "folder holding the document images if neither next to the json files nor in a "
+                          "'*images*' folder beside theirs",
             "include_test": "also write the answerless test split to test_noanswer.jsonl (default false)",
         },
     ),
     "hateful_memes": Converter(
         convert_hateful_memes,
-        "Hateful Memes {train,dev_seen,test_seen}.jsonl + img/ -> yes/no; train/val/test",
-        {"splits": "out:raw pairs (default 'train:train,val:dev_seen,test:test_seen')"},
+        "Hateful Memes data/{train,dev_seen,test_seen}.jsonl (phase 2) or data/{train,dev,test}.jsonl "
+        "(phase 1) + img/ -> yes/no; train/val/test (an unlabelled test -> test_noanswer)",
+        {"splits": "out:raw pairs (default 'train:train,val:dev_seen,test:test_seen', "
+                   "phase 1: 'train:train,val:dev,test:test')"},
     ),
     "nlvr2": Converter(
         convert_nlvr2,
-        "NLVR2 {train,dev,test1}.json + images/{train/NN,dev,test1}/ -> two-image yes/no; train/val/test",
+        "NLVR2 {train,dev,test1}.json + images/{train/NN,dev,test1}/, or the GitHub clone "
+        "nlvr2/data/*.json + images/train/NN/, dev/, test1/ -> two-image yes/no; train/val/test",
         {
-            "images_dir": "root of the image folders train/, dev/, test1/ (default src/images or src)",
+            "images_dir": "root of the image folders train/, dev/, test1/ (default: found from the json folder up)",
             "splits": "out:raw pairs (default 'train:train,val:dev,test:test1')",
             "skip_missing_images": "skip examples whose images are absent instead of failing (default false)",
         },

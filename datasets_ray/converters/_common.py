@@ -1,4 +1,5 @@
-"""Small helpers the converters share: errors, image files, option parsing, parquet rows."""
+"""Small helpers the converters share: errors, image files, option parsing, parquet rows, and
+writing the split files all or nothing."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import hashlib
 import json
 import io
 import os
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from PIL import Image
+
+from phi3v_ray.constants import image_tag
 
 # Pillow format name -> file extension for images stored as encoded bytes.
 _EXT = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "BMP": "bmp", "WEBP": "webp", "TIFF": "tif"}
@@ -18,6 +22,44 @@ _EXT = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "BMP": "bmp", "WEBP": "webp",
 
 class ConversionError(ValueError):
     """Raw input a converter cannot use; the message names the file and the problem."""
+
+
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def write_splits(out: Path, splits: dict[str, Iterable[dict]]) -> dict[str, int]:
+    """Write `out/{split}.jsonl` for every split, all or nothing; returns {split: n_records}.
+
+    The records of a split may be a list or a generator that does the converting as it goes. Each
+    split is written to a temporary name in `out` first; only when every split has been written are
+    they renamed into place (os.replace, atomic within one file system). If anything fails on the
+    way, the temporary files are removed and no split file in `out` has been touched, so a failed
+    run never leaves a split file that looks finished. (Images already placed under out/images
+    stay; a rerun reuses them.)
+    """
+    out = Path(out)
+    for split in splits:
+        if not _SPLIT_NAME.fullmatch(str(split)):
+            raise ConversionError(f"split name {split!r} is not a plain file name (letters, digits, _ . -)")
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, tuple[Path, int]] = {}
+    try:
+        for split, records in splits.items():
+            tmp = out / f".{split}.jsonl.{os.getpid()}.tmp"
+            written[split] = (tmp, 0)  # registered before opening, so a failure removes it
+            n = 0
+            with open(tmp, "w", encoding="utf-8") as f:
+                for rec in records:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    n += 1
+            written[split] = (tmp, n)
+    except BaseException:
+        for tmp, _ in written.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for split, (tmp, _) in written.items():
+        os.replace(tmp, out / f"{split}.jsonl")
+    return {split: n for split, (_, n) in written.items()}
 
 
 def as_list(value, name: str) -> list[str]:
@@ -121,7 +163,7 @@ def iter_parquet_rows(path: Path, columns: list[str] | None = None) -> Iterator[
 
 def tags(n: int) -> str:
     """`<|image_1|>...<|image_n|>` followed by a newline (empty string for no images)."""
-    return "".join(f"<|image_{k}|>" for k in range(1, n + 1)) + ("\n" if n else "")
+    return "".join(image_tag(k) for k in range(1, n + 1)) + ("\n" if n else "")
 
 
 def read_raw_jsonl(path: Path, required: tuple[str, ...]) -> Iterator[tuple[str, dict]]:

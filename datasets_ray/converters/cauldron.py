@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..schema import write_jsonl
-from ._common import ConversionError, as_list, image_bytes, iter_parquet_rows, save_image_bytes, tags
+from ._common import (
+    ConversionError, as_list, image_bytes, iter_parquet_rows, save_image_bytes, tags, write_splits,
+)
 
 DEFAULT_SUBSETS = ["docvqa", "hateful_memes", "nlvr2"]
 
@@ -68,4 +69,4 @@ def convert_cauldron(src: Path, out: Path, *, subsets=None) -> dict[str, int]:
                     "source": f"cauldron/{subset}",
                     "conversations": turns,
                 })
-    return {"train": write_jsonl(out / "train.jsonl", records)}
+    return write_splits(out, {"train": records})

@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from ..schema import write_jsonl
-from ._common import ConversionError, image_bytes, iter_parquet_rows, save_image_bytes
+from ._common import ConversionError, image_bytes, iter_parquet_rows, save_image_bytes, write_splits
 
 
 def convert_docvqa_mini(src: Path, out: Path, *, language: str = "en") -> dict[str, int]:
@@ -40,4 +39,4 @@ def convert_docvqa_mini(src: Path, out: Path, *, language: str = "en") -> dict[s
                 "conversations": [{"images": [rel], "user": "<|image_1|>\n" + query, "assistant": answers[0]}],
                 "answers": answers,
             })
-    return {split: write_jsonl(out / f"{split}.jsonl", recs) for split, recs in by_split.items()}
+    return write_splits(out, by_split)

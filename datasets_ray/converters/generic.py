@@ -15,9 +15,11 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from ..schema import image_tags, write_jsonl
+from phi3v_ray.constants import image_tags
+
 from ._common import (
     ConversionError, iter_parquet_rows, link_or_copy, require_file, safe_rel, save_image_bytes, tags,
+    write_splits,
 )
 
 SUFFIXES = (".parquet", ".jsonl", ".csv")
@@ -121,4 +123,4 @@ def convert_generic(
             if isinstance(raw_answer, list):
                 record["answers"] = answers
             by_split[split_name].append(record)
-    return {name: write_jsonl(out / f"{name}.jsonl", recs) for name, recs in by_split.items()}
+    return write_splits(out, by_split)

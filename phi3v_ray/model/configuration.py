@@ -4,12 +4,17 @@ The official file is a Phi-3 config plus two dicts, `embd_layer` and `img_proces
 type "su" that transformers now calls "longrope". The CLIP tower's dimensions are not in the file
 (the reference code hard-codes CLIP ViT-L/14-336); `img_processor.vision_config` may carry
 CLIPVisionConfig fields to shrink the tower for tests.
+
+A copy of that file (microsoft/Phi-3.5-vision-instruct's config.json, unchanged) ships next to
+this module: `Phi3VConfig.official()` builds the full-size model's config without a download.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import json
+from pathlib import Path
 
 import torch
 
@@ -28,7 +33,11 @@ CLIP_VIT_L_14_336 = dict(
     hidden_act="quick_gelu",
     layer_norm_eps=1e-5,
 )
-CROP_SIZE = 336  # pixels per crop side; the HD transform assumes a 24×24 patch grid per crop
+
+
+def official_config_path() -> Path:
+    """The shipped copy of the official Phi-3.5-vision config.json."""
+    return Path(__file__).with_name("official_config.json")
 
 
 def flash_attn_available() -> bool:
@@ -41,6 +50,11 @@ class Phi3VConfig(Phi3Config):
 
     embd_layer: dict | None = None
     img_processor: dict | None = None
+
+    @classmethod
+    def official(cls) -> "Phi3VConfig":
+        """The config of microsoft/Phi-3.5-vision-instruct, from the shipped config.json."""
+        return cls(**json.loads(official_config_path().read_text()))
 
     def convert_rope_params_to_dict(self, default_theta=10_000.0, ignore_keys=None, **kwargs):
         # The official file names LongRoPE "su" under rope_scaling["type"]; transformers only moves

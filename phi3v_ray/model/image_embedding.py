@@ -12,12 +12,13 @@ import torch
 from torch import nn
 from transformers import CLIPVisionModel
 
-from .configuration import CROP_SIZE, Phi3VConfig
+from ..constants import CROP_SIZE, GRID
+from .configuration import Phi3VConfig
 
 MERGE = 2  # 2×2 neighbouring patches are concatenated into one feature
 
 
-def tokens_per_image(h_crops: int, w_crops: int, grid: int = 12) -> int:
+def tokens_per_image(h_crops: int, w_crops: int, grid: int = GRID) -> int:
     """Sequence length of one image: sub-grid rows with separators, glb_GN, global rows with separators."""
     return (h_crops * w_crops + 1) * grid * grid + 1 + (h_crops + 1) * grid
 

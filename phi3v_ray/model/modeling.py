@@ -15,13 +15,12 @@ from transformers import CLIPPreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
 
+from ..constants import IGNORE_INDEX, STOP_IDS
 from .configuration import Phi3VConfig, flash_attn_available
 from .image_embedding import Phi3VImageEmbedding
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-STOP_IDS = (32000, 32007)  # <|endoftext|>, <|end|>
 # transformers renamed `past_key_values` to `cache` in 5.2x; accept whichever this version uses.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -144,10 +143,16 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         use_cache=None,
         logits_to_keep=0,
         loss_only: bool = False,
+        num_items_in_batch: int | float | torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """loss_only=True (training): logits are computed only where a label is supervised, which
-        saves the (tokens × 32064) fp32 logit tensor; `logits` then holds just those rows."""
+        saves the (tokens × 32064) fp32 logit tensor; `logits` then holds just those rows.
+
+        num_items_in_batch (training, as in transformers): the loss is the sum of the token losses
+        divided by this number (the supervised tokens of the whole optimizer step) instead of this
+        batch's token mean, so a token weighs the same however the step was cut into micro-batches.
+        """
         if position_ids is None and attention_mask is not None:
             # Positions count real tokens only, so left-padded generation sees the same positions as unpadded.
             length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
@@ -168,7 +173,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             shift_labels = labels[:, 1:].to(hidden.device)
             supervised = shift_labels != IGNORE_INDEX
             logits = self.lm_head(hidden[:, :-1][supervised]).float()  # (n_supervised, vocab)
-            loss = F.cross_entropy(logits, shift_labels[supervised])
+            loss = _token_loss(logits, shift_labels[supervised], num_items_in_batch)
             return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
@@ -176,12 +181,21 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
 
         loss = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels)
+            loss = causal_lm_loss(logits, labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over supervised positions (labels != -100)."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross entropy over supervised positions (labels != -100): their mean, or their sum
+    divided by num_items_in_batch when it is given."""
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
     shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+    keep = shift_labels != IGNORE_INDEX
+    return _token_loss(shift_logits[keep], shift_labels[keep], num_items_in_batch)
+
+
+def _token_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Cross entropy of (n, vocab) logits: the mean over n, or the sum over n / num_items_in_batch."""
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, reduction="sum") / num_items_in_batch

@@ -1,0 +1,140 @@
+"""What Ray costs the training loop: the same tiny-model run as a bare loop and through `run_training`.
+
+    bare         one process, no Ray: load_model + build_engine + train_step over micro-batches
+                 collated beforehand (torch at 1 thread, as a 1-CPU Ray worker gets)
+    ray 1 worker run_training with 1 worker: Ray Data feed, DDP engine, logging, reports at the cadence
+    ray 2 workers the same with 2 workers (gloo), each with the same micro batch
+    ... per-step  the 1-worker run reporting to Ray every step (report_every_s=0): the old behaviour
+
+Seconds per step are measured over the same steady window in each: from the end of step `--warmup`
+to the end of the last step (the Ray runs from the `wall_time` of rank 0's rows in metrics.jsonl),
+so start-up (Ray, actors, model load) is left out and everything in the loop is counted.
+
+    python bench/ray_overhead.py                          # 40 steps, micro batch 4: prints the table
+    python bench/ray_overhead.py --out bench/results/ray_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _config(workdir: Path, ckpt: Path, data: Path, steps: int, micro_batch: int, **changes):
+    from phi3v_ray.config import load_config
+
+    return load_config("demo", {
+        "name": "bench", "storage_path": str(workdir / "runs"), "checkpoint": str(ckpt),
+        "train_file": str(data / "train.jsonl"), "images_root": str(data / "images"), "val_file": "",
+        "max_steps": steps, "epochs": 100, "micro_batch": micro_batch, "log_every": 1, "eval_before": False,
+        "checkpoint_every": 0, "max_failures": 0, **changes,
+    })
+
+
+def bare_loop(cfg, steps: int, warmup: int) -> float:
+    """Seconds per step of the engine alone on pre-collated batches of the same records."""
+    import torch
+    from PIL import Image
+
+    from datasets_ray.schema import iter_jsonl
+    from phi3v_ray.collate import collate
+    from phi3v_ray.engine import build_engine, train_step
+    from phi3v_ray.examples import build_example
+    from phi3v_ray.hardware import resolve_hardware
+    from phi3v_ray.processor import Phi3VProcessor
+    from phi3v_ray.train import load_model
+
+    torch.set_num_threads(1)
+    processor = Phi3VProcessor.from_pretrained(cfg.checkpoint, num_crops=cfg.data.num_crops)
+    root = Path(cfg.data.images_root)
+    rows = []
+    for _, text in iter_jsonl(cfg.data.train_file):
+        rec = json.loads(text)
+        images = [Image.open(root / p).convert("RGB") for turn in rec["conversations"] for p in turn.get("images") or []]
+        ex = build_example(processor, rec["conversations"], images, max_length=cfg.data.max_length)
+        rows.append({"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": ex.pixel_values,
+                     "image_sizes": ex.image_sizes})
+        if len(rows) == cfg.micro_batch * steps:
+            break
+    batches = [collate(rows[i:i + cfg.micro_batch]) for i in range(0, len(rows), cfg.micro_batch)]
+    hw = resolve_hardware(None, cfg.precision, cfg.attention)
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg, hw, torch.device("cpu"), cfg.checkpoint)
+    engine = build_engine(cfg, model, steps, hw.precision, torch.device("cpu"), world_size=1)
+    ends = []
+    for batch in batches[:steps]:
+        out = train_step(engine, [batch])
+        float(out.loss_sum)  # the Ray loop reads the loss at every logged step too
+        ends.append(time.perf_counter())
+    return (ends[-1] - ends[warmup - 1]) / (len(ends) - warmup)
+
+
+def ray_loop(cfg, warmup: int) -> dict:
+    """Seconds per step of `run_training`, from rank 0's logged rows, and how often it reported."""
+    from phi3v_ray.launch import run_training
+
+    run_training(cfg, start_ray=False)
+    rows = [json.loads(line) for line in (Path(cfg.run_dir) / "artifacts" / "metrics.jsonl").read_text().splitlines()]
+    times = {r["step"]: r["wall_time"] for r in rows if "loss" in r}
+    last = max(times)
+    return {"s_per_step": (times[last] - times[warmup]) / (last - warmup), "steps": last}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--workdir", default=None, help="default: a temporary directory")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    from datasets_ray.demo import make_demo_dataset
+    from phi3v_ray.launch import ensure_ray
+    from phi3v_ray.tiny import write_tiny_checkpoint
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="phi3v-ray-overhead-"))
+    ckpt, data = workdir / "tiny", workdir / "data"
+    if not (ckpt / "config.json").is_file():
+        write_tiny_checkpoint(ckpt, seed=0, num_crops=1)
+    if not (data / "train.jsonl").is_file():
+        make_demo_dataset(data, seed=0)
+
+    def cfg(name: str, **changes):
+        return _config(workdir, ckpt, data, args.steps, args.micro_batch, name=name, **changes)
+
+    results = {"bare": bare_loop(cfg("bare", num_workers=1), args.steps, args.warmup)}
+    ensure_ray()
+    runs = {
+        "ray 1 worker": cfg("ray1", num_workers=1),
+        "ray 2 workers": cfg("ray2", num_workers=2),
+        "ray 1 worker, report every step": cfg("ray1-every", num_workers=1, report_every_s=0),
+    }
+    for label, run_cfg in runs.items():
+        results[label] = ray_loop(run_cfg, args.warmup)["s_per_step"]
+
+    bare = results["bare"]
+    print(f"\n{'loop':<34} {'s/step':>8} {'× bare':>8}")
+    for label, value in results.items():
+        print(f"{label:<34} {value:>8.3f} {value / bare:>8.2f}")
+    if args.out:
+        record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                  "steps": args.steps, "warmup": args.warmup, "micro_batch": args.micro_batch,
+                  "s_per_step": results, "ratio_to_bare": {k: v / bare for k, v in results.items()}}
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

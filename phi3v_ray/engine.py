@@ -1,0 +1,253 @@
+"""The optimizer step: one engine class per backend, and the step that drives either.
+
+    engine = build_engine(cfg, model, total_steps, precision, device, world_size)
+    out = train_step(engine, micro_batches)        # forward/backward every micro-batch, then one update
+
+`DDPEngine` runs plain PyTorch (DistributedDataParallel when there is more than one process, autocast
+and a GradScaler on GPUs); `DeepSpeedEngine` runs DeepSpeed ZeRO-2. Both need only an initialised
+`torch.distributed` process group (or none, for one process under DDPEngine): nothing here imports
+Ray, so the step can be measured and tested on a bare machine.
+
+Loss normalisation (as transformers ≥ 4.46 and torchtune do): the loss of an optimizer step is the
+sum of the token losses of every micro-batch on every rank, divided by the number of supervised
+tokens of the whole step. `train_step` counts those tokens before the first forward (one small
+all-reduce), so every token weighs the same however the step is cut into micro-batches and ranks:
+micro 2 × accumulation 1, micro 1 × accumulation 2 and 2 workers × micro 1 give the same update.
+Both backends average gradients over ranks, so each rank back-propagates world_size × its share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .constants import IGNORE_INDEX
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases, norms and the 1-D/separator parameters get none."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "GN" in name or "norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def linear_schedule(optimizer, warmup: int, total: int):
+    """Linear warmup over `warmup` steps, then linear decay to 0 at `total` (SPEC §5)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_optimizer(cfg, model, total_steps: int):
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
+    )
+    return optimizer, linear_schedule(optimizer, cfg.warmup_steps, total_steps)
+
+
+def deepspeed_config(cfg, precision: str, world_size: int) -> dict:
+    """The DeepSpeed ZeRO-2 config, generated from the training config (SPEC §5)."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.accumulation,
+        "train_batch_size": cfg.micro_batch * cfg.accumulation * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": {
+            "stage": 2,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": 5e8,
+            "allgather_bucket_size": 5e8,
+        },
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def supervised_tokens(batch: dict) -> int:
+    """Tokens that carry a loss: labels shifted by one (the first token predicts nothing)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class DDPEngine:
+    """Plain PyTorch: the model (DDP-wrapped across processes), AdamW, the linear schedule.
+
+    fp16 on a GPU uses a GradScaler; bf16/fp16 compute runs under autocast over fp32 (or frozen
+    half-precision) weights.
+    """
+
+    kind = "ddp"
+
+    def __init__(self, cfg, model, total_steps: int, precision: str, device: torch.device, world_size: int):
+        self.cfg, self.device, self.precision = cfg, device, precision
+        self.model = model
+        self.optimizer, self.scheduler = build_optimizer(cfg, model, total_steps)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        if world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        else:
+            self.module = model
+        on_gpu = device.type == "cuda"
+        self.autocast = precision in ("bf16", "fp16") and on_gpu
+        self.scaler = torch.amp.GradScaler(init_scale=2.0**16, enabled=precision == "fp16" and on_gpu)
+
+    def forward_backward(self, batch: dict, num_items: float, scale: float, boundary: bool) -> torch.Tensor:
+        """Back-propagate `scale` × (token-loss sum / num_items); returns that loss detached."""
+        batch = _to_device(batch, self.device)
+        sync = boundary or not hasattr(self.module, "no_sync")
+        with (contextlib.nullcontext() if sync else self.module.no_sync()):
+            with torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.autocast):
+                loss = self.module(**batch, loss_only=True, num_items_in_batch=num_items).loss
+            self.scaler.scale(loss * scale).backward()
+        return loss.detach()
+
+    def step(self) -> torch.Tensor:
+        """Clip, update, schedule; returns the gradient norm before clipping (on the device)."""
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return norm.detach()
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # -- checkpoint state: weights as safetensors (PEFT format for adapters), optimizer state without pickle
+    def save(self, directory: Path, rank: int) -> None:
+        if rank != 0:
+            return
+        save_trainable_weights(self.model, directory)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict()}, directory / "optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        load_trainable_weights(self.model, directory)
+        # Written by `save` above: tensors and plain containers, so weights_only loading suffices.
+        state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO-2: optimizer state and gradients sharded across ranks, bf16/fp16 by DeepSpeed."""
+
+    kind = "deepspeed"
+
+    def __init__(self, cfg, model, total_steps: int, precision: str, device: torch.device, world_size: int):
+        import deepspeed
+
+        self.cfg, self.device, self.precision = cfg, device, precision
+        optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+        self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, precision, world_size)
+        )
+        self.model = self.module.module
+
+    def forward_backward(self, batch: dict, num_items: float, scale: float, boundary: bool) -> torch.Tensor:
+        batch = _to_device(batch, self.device)
+        self.module.set_gradient_accumulation_boundary(boundary)
+        loss = self.module(**batch, loss_only=True, num_items_in_batch=num_items).loss
+        # The step's normalisation is already in the loss: DeepSpeed must not divide by accumulation again.
+        self.module.backward(loss * scale, scale_wrt_gas=False)
+        return loss.detach()
+
+    def step(self) -> torch.Tensor:
+        self.module.step()
+        norm = self.module.get_global_grad_norm()
+        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save(self, directory: Path, rank: int) -> None:
+        self.module.save_checkpoint(str(directory), tag="deepspeed")  # every rank writes its optimizer shard
+
+    def load(self, directory: Path) -> None:
+        self.module.load_checkpoint(str(directory), tag="deepspeed")
+
+
+def build_engine(cfg, model, total_steps: int, precision: str, device: torch.device, world_size: int):
+    """The backend is chosen once, here: ZeRO-2 → DeepSpeedEngine, otherwise DDPEngine."""
+    engine_cls = DeepSpeedEngine if cfg.resolved_zero_stage == 2 else DDPEngine
+    return engine_cls(cfg, model, total_steps, precision, device, world_size)
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step. Tensors stay on the device: reading them is a sync, done once per report."""
+
+    loss_sum: torch.Tensor  # this rank's token-loss sum / the step's tokens (all ranks sum to the step loss)
+    grad_norm: torch.Tensor
+    tokens: int  # supervised tokens of the step on all ranks
+    micro_batches: int
+
+
+def train_step(engine, micro_batches: list[dict]) -> StepOutput:
+    """Forward and backward every micro-batch of one optimizer step, then update once.
+
+    Every rank must call this with the same number of micro-batches (Ray Train's shards are equal).
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    tokens = torch.tensor(sum(supervised_tokens(b) for b in micro_batches), dtype=torch.int64)
+    if world > 1:
+        tokens = tokens.to(engine.device if engine.device.type == "cuda" else "cpu")
+        dist.all_reduce(tokens)
+    num_items = max(int(tokens), 1)
+    loss_sum = torch.zeros((), device=engine.device)
+    for i, batch in enumerate(micro_batches):
+        boundary = i == len(micro_batches) - 1
+        loss_sum += engine.forward_backward(batch, num_items, scale=float(world), boundary=boundary).float()
+    grad_norm = engine.step()
+    return StepOutput(loss_sum=loss_sum, grad_norm=grad_norm, tokens=num_items, micro_batches=len(micro_batches))
+
+
+# ----------------------------------------------------------------------------- weights of a checkpoint
+def save_trainable_weights(model, directory: Path) -> None:
+    """LoRA adapters in PEFT format (adapter/), other trainable weights as trainable.safetensors."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(directory / "adapter", safe_serialization=True)
+        return
+    from safetensors.torch import save_file
+
+    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(directory / "trainable.safetensors"))
+
+
+def load_trainable_weights(model, directory: Path) -> None:
+    """Inverse of `save_trainable_weights`; no optimizer involved (evaluation uses this too)."""
+    from safetensors.torch import load_file
+
+    if (directory / "adapter").is_dir():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(directory / "adapter" / "adapter_model.safetensors")))
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(str(directory / "trainable.safetensors")).items():
+            params[name].copy_(value)

@@ -1,0 +1,59 @@
+"""Reading and writing run files on any storage Ray Train supports: local disk, NFS, s3://, gs://, abfs://.
+
+Local paths go through the ordinary file API (appends are real appends, writes go to a temporary
+name and are renamed into place); URIs go through pyarrow's filesystems, where an object is written
+whole, so an append re-uploads the object.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _filesystem(path: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(path)  # (filesystem, path inside it)
+
+
+def write_text(path: str, text: str) -> None:
+    """Replace the file with `text`; a reader never sees a half-written file."""
+    if is_remote(path):
+        fs, inner = _filesystem(path)
+        fs.create_dir(os.path.dirname(inner), recursive=True)
+        with fs.open_output_stream(inner) as f:  # an object appears only when the upload completes
+            f.write(text.encode())
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_text(path: str, text: str) -> None:
+    """Add `text` at the end of the file (created if missing)."""
+    if is_remote(path):
+        fs, inner = _filesystem(path)
+        try:
+            with fs.open_input_stream(inner) as f:
+                text = f.read().decode() + text
+        except (FileNotFoundError, OSError):
+            pass
+        write_text(path, text)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "a", encoding="utf-8") as f:
+        f.write(text)
