@@ -159,8 +159,8 @@ class TrainConfig:
     lora_alpha: float = _f(128.0, "LoRA alpha (the recipe uses 2·rank)", gt=0)
     lora_dropout: float = _f(0.0, "LoRA dropout", ge=0, lt=1)
     lora_vision: bool = _f(True, "LoRA adapters on CLIP and the projector too")
-    zero_stage: ZeroStage = _f(-1, "DeepSpeed ZeRO stage: 2, or 0 for plain DDP; -1 = 2 for full fine-tuning, "
-                                   "0 otherwise")
+    zero_stage: ZeroStage = _f(-1, "DeepSpeed ZeRO stage: 2, or 0 for plain DDP; -1 = 2 for full and frozen_vision "
+                                   "(fp32 master weights, gradients and Adam state sharded), 0 for LoRA/QLoRA")
     # --- data ---
     data: DataConfig = field(default_factory=DataConfig, metadata={
         "help": "the data pipeline's settings; each also takes its short name (num_crops=4 is data.num_crops=4)"})
@@ -220,7 +220,7 @@ class TrainConfig:
     def resolved_zero_stage(self) -> int:
         if self.zero_stage >= 0:
             return self.zero_stage
-        return 2 if self.mode_enum is Mode.FULL else 0
+        return 2 if self.mode_enum in (Mode.FULL, Mode.FROZEN_VISION) else 0
 
     @property
     def resolved_storage_path(self) -> str:
