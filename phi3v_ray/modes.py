@@ -138,8 +138,14 @@ def drop_input_grad_hooks(model: nn.Module) -> None:
         target.disable_input_require_grads()
 
 
-def cast_trainable_to_fp32(model: nn.Module) -> None:
-    """Keep trainable parameters (adapters) in fp32 when the frozen base runs in bf16/fp16."""
+def cast_trainable(model: nn.Module, dtype: torch.dtype) -> None:
+    """Put trainable floating-point parameters (LoRA adapters) in `dtype`.
+
+    PEFT keeps adapters in fp32 over a half-precision base (`autocast_adapter_dtype`): every adapter
+    matmul then runs in fp32 or casts its input and weights on every call. Under bf16/fp16 training the
+    adapters live in the compute dtype instead; the optimizer keeps the fp32 master copy (DDPEngine's
+    master weights, or DeepSpeed's).
+    """
     for p in model.parameters():
-        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.float()
+        if p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)

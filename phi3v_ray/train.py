@@ -28,7 +28,7 @@ from .collate import batch_stats, iter_train_batches
 from .config import TrainConfig
 from .engine import DTYPES, build_engine, load_trainable_weights, train_step
 from .hardware import HardwareChoice, detect_gpu, log_choice, resolve_hardware
-from .modes import LoraSettings, Mode, apply_mode, cast_trainable_to_fp32, count_parameters, enable_gradient_checkpointing
+from .modes import LoraSettings, Mode, apply_mode, cast_trainable, count_parameters, enable_gradient_checkpointing
 from .tracking import MetricLogger, say
 
 
@@ -72,7 +72,7 @@ def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, check
         kwargs["dtype"] = compute
         kwargs["device_map"] = {"": device}
     elif mode.uses_lora and hw.precision != "fp32":
-        kwargs["dtype"] = DTYPES[hw.precision]  # frozen base in half precision; adapters are cast to fp32 below
+        kwargs["dtype"] = DTYPES[hw.precision]  # frozen base in half precision, adapters too (below)
     else:
         kwargs["dtype"] = torch.float32  # fp32 master weights; compute is autocast or DeepSpeed's half copy
     model = Phi3VForCausalLM.from_pretrained(checkpoint_dir, **kwargs)
@@ -80,7 +80,7 @@ def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, check
         model, mode, LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_vision), cfg.freeze_text_embedding
     )
     if mode.uses_lora:
-        cast_trainable_to_fp32(model)
+        cast_trainable(model, DTYPES[hw.precision])  # the optimizer keeps their fp32 master copy
     if training and cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model.to(device) if mode is not Mode.QLORA else model
