@@ -278,6 +278,23 @@ def run(args) -> dict:
     }
 
 
+TABLE = (("mode", "mode"), ("engine", "engine"), ("activation_checkpointing", "act. ckpt"), ("micro_batch", "micro"),
+         ("step_s", "step s"), ("images_per_s", "img/s"), ("tokens_per_s", "tokens/s"), ("peak_mem_gb", "peak GiB"),
+         ("mfu", "MFU"), ("hfu", "HFU"))
+
+
+def table(rows: list[dict]) -> str:
+    """A markdown table of bench results (one row per json line)."""
+    def cell(key, value):
+        if value is None:
+            return "–"
+        return f"{100 * value:.1f} %" if key in ("mfu", "hfu") else str(value)
+
+    lines = ["| " + " | ".join(title for _, title in TABLE) + " |", "|" + "---|" * len(TABLE)]
+    lines += ["| " + " | ".join(cell(k, row.get(k)) for k, _ in TABLE) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(official_config_path()),
@@ -302,11 +319,16 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", help="append the result as a json line to this file")
+    p.add_argument("--table", metavar="JSONL", help="print the results in JSONL as a markdown table and exit")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.table:
+        rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
+        print(table(rows))
+        return {"rows": len(rows)}
     result = run(args)
     line = json.dumps(result)
     print(line, flush=True)

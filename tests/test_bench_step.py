@@ -74,3 +74,5 @@ def test_bench_runs_the_training_step_on_the_tiny_model(tiny_ckpt, tmp_path):
     assert result["engine"] == "ddp" and result["activation_checkpointing"].startswith("lm: 2/2 LM, 0/2 CLIP")
     assert result["hardware_tflops_per_step"] >= result["model_tflops_per_step"] > 0
     assert result["final_loss"] > 0 and json.loads(out.read_text())["mode"] == "lora"
+    table = bench.table([result])
+    assert "| lora | ddp |" in table and "img/s" in table and "HFU" in table
