@@ -182,3 +182,13 @@ def checkpoint_plan(policy: str, dims: Dims, *, mode: str, every_n: int = 2, gpu
            f"{fixed / GiB:.0f} GiB weights/gradients/optimizer"
            + ("; does not fit even with every layer checkpointed" if need > gpu_memory_gb else "") + ")")
     return CheckpointPlan(lm, clip, why)
+
+
+def plan_for_config(cfg, model_config, precision: str, gpu_memory_gb: float | None, world_size: int) -> CheckpointPlan:
+    """`cfg.activation_checkpointing` (a TrainConfig) resolved for one worker's GPU."""
+    return checkpoint_plan(
+        cfg.activation_checkpointing, Dims.from_config(model_config), mode=cfg.mode, every_n=cfg.checkpoint_every_n,
+        gpu_memory_gb=gpu_memory_gb, zero_stage=cfg.resolved_zero_stage, precision=precision, world_size=world_size,
+        micro_batch=cfg.micro_batch, tokens_per_sample=cfg.data.max_length, lora_rank=cfg.lora_rank,
+        lora_vision=cfg.lora_vision,
+    )

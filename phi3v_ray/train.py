@@ -28,7 +28,7 @@ from .collate import batch_stats, iter_train_batches
 from .config import TrainConfig
 from .engine import DTYPES, build_engine, load_trainable_weights, train_step
 from .hardware import HardwareChoice, detect_gpu, log_choice, resolve_hardware
-from .memory import CheckpointPlan, Dims, checkpoint_plan
+from .memory import plan_for_config
 from .modes import LoraSettings, Mode, apply_mode, cast_trainable, count_parameters, enable_gradient_checkpointing
 from .tracking import MetricLogger, say
 
@@ -83,24 +83,14 @@ def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, check
     if mode.uses_lora:
         cast_trainable(model, DTYPES[hw.precision])  # the optimizer keeps their fp32 master copy
     if training and cfg.gradient_checkpointing:
-        plan = checkpoint_plan_for(cfg, hw, device, model.config)
+        gpu = detect_gpu(device.index or 0) if device.type == "cuda" else None
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        plan = plan_for_config(cfg, model.config, hw.precision, gpu.memory_gb if gpu else None, world)
         if plan.lm or plan.clip:
             enable_gradient_checkpointing(model, plan.lm, plan.clip)
         if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
             say(str(plan))
     return model.to(device) if mode is not Mode.QLORA else model
-
-
-def checkpoint_plan_for(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, model_config) -> CheckpointPlan:
-    """cfg.activation_checkpointing resolved for this worker's GPU (auto reads its memory)."""
-    gpu = detect_gpu(device.index or 0) if device.type == "cuda" else None
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return checkpoint_plan(
-        cfg.activation_checkpointing, Dims.from_config(model_config), mode=cfg.mode, every_n=cfg.checkpoint_every_n,
-        gpu_memory_gb=gpu.memory_gb if gpu else None, zero_stage=cfg.resolved_zero_stage, precision=hw.precision,
-        world_size=world, micro_batch=cfg.micro_batch, tokens_per_sample=cfg.data.max_length,
-        lora_rank=cfg.lora_rank, lora_vision=cfg.lora_vision,
-    )
 
 
 def _worker_from_ray(cfg: TrainConfig) -> Worker:
