@@ -331,3 +331,13 @@ def test_bf16_lora_keeps_adapters_in_bf16_with_fp32_masters_and_casts_less(tiny_
     assert any(not torch.equal(before[n], p.float()) for n, p in adapters.items())  # the step moved them
     for weight, master in engine.masters:
         assert torch.equal(weight, master.to(torch.bfloat16))  # the weight is its master, rounded
+
+
+@pytest.mark.slow
+def test_frozen_vision_runs_under_zero2_by_default_with_the_pinned_losses(tiny_ckpt, samples, tmp_path):
+    """zero_stage=-1 resolves to ZeRO-2 for frozen_vision: DeepSpeed, and the same steps as DDP's pinned run."""
+    cfg = _cfg(mode="frozen_vision", micro_batch=2, zero_stage=-1)
+    assert cfg.resolved_zero_stage == 2
+    result = _spawn(1, [("fv-zero2", cfg.to_dict(), str(tiny_ckpt), _cuts(samples, 2, 1, 1))], tmp_path)["fv-zero2"]
+    assert result["losses"] == pytest.approx(PINNED_LOSSES["frozen_vision"], abs=2e-4), result["losses"]
+    assert result["n_frozen"] > 0 and result["frozen_unchanged"]
