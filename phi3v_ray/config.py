@@ -37,6 +37,7 @@ Attention = Literal["auto", "flash_attention_2", "sdpa", "eager"]
 ZeroStage = Literal[-1, 0, 2]
 Overflow = Literal["reject", "truncate"]
 OnBadRecord = Literal["fail", "skip"]
+Checkpointing = Literal["auto", "all", "lm", "every_n", "none"]
 
 
 class Mode(str, enum.Enum):
@@ -152,15 +153,22 @@ class TrainConfig:
                                 "4-bit base")
     precision: Precision = _f("auto", "compute precision (auto picks from the GPU the worker gets)")
     attention: Attention = _f("auto", "attention implementation (auto picks from the GPU and what is installed)")
-    gradient_checkpointing: bool = _f(True, "non-reentrant activation checkpointing of every layer")
+    gradient_checkpointing: bool = _f(True, "activation checkpointing on (which layers: activation_checkpointing); "
+                                            "false = none")
+    activation_checkpointing: Checkpointing = _f(
+        "auto", "layers that recompute their forward in the backward: all (every LM and CLIP layer), lm (decoder "
+                "layers only), every_n (one in checkpoint_every_n of each tower), none, or auto (as few as the "
+                "GPU's memory allows by phi3v_ray/memory.py's estimate; all on CPU)")
+    checkpoint_every_n: int = _f(2, "activation_checkpointing=every_n checkpoints layers 0, n, 2n, … of each tower",
+                                 ge=1)
     freeze_text_embedding: bool = _f(False, "also freeze the token embedding (the recipe did this by accident in "
                                             "frozen_vision)")
     lora_rank: int = _f(64, "LoRA rank r", ge=1)
     lora_alpha: float = _f(128.0, "LoRA alpha (the recipe uses 2·rank)", gt=0)
     lora_dropout: float = _f(0.0, "LoRA dropout", ge=0, lt=1)
     lora_vision: bool = _f(True, "LoRA adapters on CLIP and the projector too")
-    zero_stage: ZeroStage = _f(-1, "DeepSpeed ZeRO stage: 2, or 0 for plain DDP; -1 = 2 for full fine-tuning, "
-                                   "0 otherwise")
+    zero_stage: ZeroStage = _f(-1, "DeepSpeed ZeRO stage: 2, or 0 for plain DDP; -1 = 2 for full and frozen_vision "
+                                   "(fp32 master weights, gradients and Adam state sharded), 0 for LoRA/QLoRA")
     # --- data ---
     data: DataConfig = field(default_factory=DataConfig, metadata={
         "help": "the data pipeline's settings; each also takes its short name (num_crops=4 is data.num_crops=4)"})
@@ -220,7 +228,7 @@ class TrainConfig:
     def resolved_zero_stage(self) -> int:
         if self.zero_stage >= 0:
             return self.zero_stage
-        return 2 if self.mode_enum is Mode.FULL else 0
+        return 2 if self.mode_enum in (Mode.FULL, Mode.FROZEN_VISION) else 0
 
     @property
     def resolved_storage_path(self) -> str:

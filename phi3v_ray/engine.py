@@ -93,7 +93,8 @@ class DDPEngine:
     """Plain PyTorch: the model (DDP-wrapped across processes), AdamW, the linear schedule.
 
     fp16 on a GPU uses a GradScaler; bf16/fp16 compute runs under autocast over fp32 (or frozen
-    half-precision) weights.
+    half-precision) weights. Trainable weights kept in half precision (LoRA adapters in the compute
+    dtype) get an fp32 master copy: AdamW updates the copy, the weight gets it rounded after each step.
     """
 
     kind = "ddp"
@@ -102,7 +103,8 @@ class DDPEngine:
         self.cfg, self.device, self.precision = cfg, device, precision
         self.model = model
         self.optimizer, self.scheduler = build_optimizer(cfg, model, total_steps)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.masters = _fp32_masters(self.optimizer)  # (half weight, fp32 copy) pairs; empty in fp32 runs
+        self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -125,12 +127,18 @@ class DDPEngine:
 
     def step(self) -> torch.Tensor:
         """Clip, update, schedule; returns the gradient norm before clipping (on the device)."""
+        for weight, master in self.masters:
+            master.grad = None if weight.grad is None else weight.grad.float()
+            weight.grad = None
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        with torch.no_grad():
+            for weight, master in self.masters:
+                weight.copy_(master)
         return norm.detach()
 
     def lr(self) -> float:
@@ -142,7 +150,8 @@ class DDPEngine:
             return
         save_trainable_weights(self.model, directory)
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict()}, directory / "optimizer.pt")
+                    "scaler": self.scaler.state_dict(), "masters": [m.detach().cpu() for _, m in self.masters]},
+                   directory / "optimizer.pt")
 
     def load(self, directory: Path) -> None:
         load_trainable_weights(self.model, directory)
@@ -151,6 +160,26 @@ class DDPEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        with torch.no_grad():  # the fp32 copies (the weights on disk are their rounding)
+            saved = state.get("masters") or [w.float() for w, _ in self.masters]
+            for (weight, master), value in zip(self.masters, saved, strict=True):
+                master.copy_(value)
+                weight.copy_(master)
+
+
+def _fp32_masters(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Swap the optimizer's half-precision parameters for fp32 copies; returns (weight, copy) pairs."""
+    pairs = []
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            if p.dtype in (torch.float16, torch.bfloat16):
+                master = p.detach().float().requires_grad_(True)
+                pairs.append((p, master))
+                p = master
+            params.append(p)
+        group["params"] = params
+    return pairs
 
 
 class DeepSpeedEngine:

@@ -98,17 +98,54 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant checkpointing of every decoder and CLIP layer."""
+def checkpointable_layers(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The decoder layers and the CLIP encoder layers that run (CLIP's unused last layer left out)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    image_embed = base.model.vision_embed_tokens
+    clip = list(image_embed.vision_transformer.encoder.layers[: image_embed.num_feature_layers])
+    return list(base.model.layers), clip
+
+
+def enable_gradient_checkpointing(model: nn.Module, lm_layers=None, clip_layers=None) -> None:
+    """Non-reentrant activation checkpointing of the given layer indices (None = every layer of that tower).
+
+    transformers' `gradient_checkpointing_enable` also calls `enable_input_require_grads()`, which hooks
+    every sub-model's input embedding, CLIP's patch embedding included: a frozen CLIP (frozen_vision, LoRA
+    without vision adapters) would then run its whole backward for nothing. Non-reentrant checkpointing
+    needs no input that requires grad, so those hooks are removed (see `drop_input_grad_hooks`).
+    """
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(target, "enable_input_require_grads"):
-        # With a frozen embedding, checkpointed layers still need an input that requires grad.
-        target.enable_input_require_grads()
+    kwargs = {"use_reentrant": False}
+    if hasattr(target, "activation_checkpointing_enable"):  # transformers ≥ 5.2x; the old name warns there
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    drop_input_grad_hooks(model)
+    lm, clip = checkpointable_layers(model)
+    for chosen, layers in ((lm_layers, lm), (clip_layers, clip)):
+        chosen = set(range(len(layers))) if chosen is None else set(chosen)
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i in chosen
 
 
-def cast_trainable_to_fp32(model: nn.Module) -> None:
-    """Keep trainable parameters (adapters) in fp32 when the frozen base runs in bf16/fp16."""
+def drop_input_grad_hooks(model: nn.Module) -> None:
+    """Remove transformers' "make the embedding output require grad" hooks (a no-op when there are none).
+
+    Gradients reach every trainable weight without them; with them, frozen towers back-propagate.
+    """
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(target, "disable_input_require_grads"):
+        target.disable_input_require_grads()
+
+
+def cast_trainable(model: nn.Module, dtype: torch.dtype) -> None:
+    """Put trainable floating-point parameters (LoRA adapters) in `dtype`.
+
+    PEFT keeps adapters in fp32 over a half-precision base (`autocast_adapter_dtype`): every adapter
+    matmul then runs in fp32 or casts its input and weights on every call. Under bf16/fp16 training the
+    adapters live in the compute dtype instead; the optimizer keeps the fp32 master copy (DDPEngine's
+    master weights, or DeepSpeed's).
+    """
     for p in model.parameters():
-        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.float()
+        if p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)

@@ -28,7 +28,8 @@ from .collate import batch_stats, iter_train_batches
 from .config import TrainConfig
 from .engine import DTYPES, build_engine, load_trainable_weights, train_step
 from .hardware import HardwareChoice, detect_gpu, log_choice, resolve_hardware
-from .modes import LoraSettings, Mode, apply_mode, cast_trainable_to_fp32, count_parameters, enable_gradient_checkpointing
+from .memory import plan_for_config
+from .modes import LoraSettings, Mode, apply_mode, cast_trainable, count_parameters, enable_gradient_checkpointing
 from .tracking import MetricLogger, say
 
 
@@ -72,7 +73,7 @@ def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, check
         kwargs["dtype"] = compute
         kwargs["device_map"] = {"": device}
     elif mode.uses_lora and hw.precision != "fp32":
-        kwargs["dtype"] = DTYPES[hw.precision]  # frozen base in half precision; adapters are cast to fp32 below
+        kwargs["dtype"] = DTYPES[hw.precision]  # frozen base in half precision, adapters too (below)
     else:
         kwargs["dtype"] = torch.float32  # fp32 master weights; compute is autocast or DeepSpeed's half copy
     model = Phi3VForCausalLM.from_pretrained(checkpoint_dir, **kwargs)
@@ -80,9 +81,15 @@ def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, check
         model, mode, LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_vision), cfg.freeze_text_embedding
     )
     if mode.uses_lora:
-        cast_trainable_to_fp32(model)
+        cast_trainable(model, DTYPES[hw.precision])  # the optimizer keeps their fp32 master copy
     if training and cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        gpu = detect_gpu(device.index or 0) if device.type == "cuda" else None
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        plan = plan_for_config(cfg, model.config, hw.precision, gpu.memory_gb if gpu else None, world)
+        if plan.lm or plan.clip:
+            enable_gradient_checkpointing(model, plan.lm, plan.clip)
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            say(str(plan))
     return model.to(device) if mode is not Mode.QLORA else model
 
 

@@ -54,6 +54,10 @@ def test_preset_mode_sections_apply():
     assert (lora.lr, lora.lora_rank, lora.lora_alpha) == (2e-4, 32, 16)
     full = load_config("docvqa", ["mode=full"])
     assert full.lr == 2e-5 and full.resolved_zero_stage == 2
+    # frozen_vision trains the 3.8 B-parameter LM: ZeRO-2 by default too; adapters need no sharding.
+    assert load_config("docvqa", ["mode=frozen_vision"]).resolved_zero_stage == 2
+    assert load_config("docvqa", ["mode=lora"]).resolved_zero_stage == 0
+    assert load_config("docvqa", ["mode=frozen_vision", "zero_stage=0"]).resolved_zero_stage == 0
     memes = load_config("hateful_memes", ["mode=lora"])
     assert (memes.lora_rank, memes.lora_alpha) == (128, 256)
     nlvr2 = load_config("nlvr2")

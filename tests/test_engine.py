@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from phi3v_ray.collate import collate
 from phi3v_ray.config import TrainConfig
@@ -264,3 +265,79 @@ def test_micro_batch_accumulation_and_ranks_give_the_same_steps_under_ddp_and_ze
     # (DeepSpeed sums the squared gradient norm over its flat partitions: the norms agree to ~2e-5 relative.)
     _assert_same_run(results["ddp-micro2"], results["zero2-micro2"], "DDP vs ZeRO-2", norm_rel=1e-4)
     assert results["zero2-micro2"]["losses"] == pytest.approx(PINNED_LOSSES["full"], abs=2e-4)
+
+
+# ----------------------------------------------------------------------------- LoRA adapters in the compute dtype
+class CastCounter(TorchDispatchMode):
+    """Elements converted by dtype casts (aten._to_copy) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten._to_copy and (kwargs or {}).get("dtype") not in (None, args[0].dtype):
+            self.calls += 1
+            self.elements += out.numel()
+        return out
+
+
+def _casts_of_one_step(model, batch) -> CastCounter:
+    """Forward and backward under bf16 autocast, as DDPEngine runs on a GPU."""
+    with CastCounter() as counter:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch, loss_only=True, num_items_in_batch=supervised_tokens(batch)).loss
+        loss.backward()
+    return counter
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_bf16_lora_keeps_adapters_in_bf16_with_fp32_masters_and_casts_less(tiny_ckpt, samples, mode):
+    from phi3v_ray.modes import cast_trainable
+    from phi3v_ray.train import load_model
+
+    if mode == "qlora":
+        bnb = pytest.importorskip("bitsandbytes")
+    cfg = _cfg(mode=mode, precision="bf16", micro_batch=2, lora_rank=8, lora_alpha=16)
+    hw = resolve_hardware(None, "bf16", "sdpa")
+    torch.manual_seed(0)
+    model = load_model(cfg, hw, torch.device("cpu"), str(tiny_ckpt))
+    adapters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert adapters and all(p.dtype == torch.bfloat16 for p in adapters.values())
+    if mode == "qlora":  # the base stays 4-bit
+        qkv = model.get_base_model().model.layers[0].self_attn.qkv_proj.base_layer
+        assert isinstance(qkv.weight, bnb.nn.Params4bit)
+
+    batch = collate(samples[:2])
+    new = _casts_of_one_step(model, batch)
+    model.zero_grad(set_to_none=True)
+    cast_trainable(model, torch.float32)  # PEFT's default: fp32 adapters over the bf16 base
+    old = _casts_of_one_step(model, batch)
+    model.zero_grad(set_to_none=True)
+    print(f"{mode}: casts per step {old.calls} → {new.calls}, elements {old.elements} → {new.elements}")
+    # QLoRA: most of its casts are the 4-bit dequantisation and the fp32 norms/embedding/lm_head that
+    # prepare_model_for_kbit_training keeps; only the adapters' share goes.
+    assert new.elements < (0.6 if mode == "lora" else 0.95) * old.elements and new.calls < old.calls
+
+    cast_trainable(model, torch.bfloat16)
+    engine = build_engine(cfg, model, total_steps=4, precision="bf16", device=torch.device("cpu"), world_size=1)
+    assert isinstance(engine, DDPEngine) and len(engine.masters) == len(adapters)
+    assert all(m.dtype == torch.float32 for m in engine.trainable)  # AdamW sees fp32 copies only
+    before = {n: p.detach().float().clone() for n, p in adapters.items()}
+    out = train_step(engine, [batch])
+    assert math.isfinite(float(out.loss_sum)) and math.isfinite(float(out.grad_norm))
+    assert all(p.dtype == torch.bfloat16 for p in adapters.values())
+    assert any(not torch.equal(before[n], p.float()) for n, p in adapters.items())  # the step moved them
+    for weight, master in engine.masters:
+        assert torch.equal(weight, master.to(torch.bfloat16))  # the weight is its master, rounded
+
+
+@pytest.mark.slow
+def test_frozen_vision_runs_under_zero2_by_default_with_the_pinned_losses(tiny_ckpt, samples, tmp_path):
+    """zero_stage=-1 resolves to ZeRO-2 for frozen_vision: DeepSpeed, and the same steps as DDP's pinned run."""
+    cfg = _cfg(mode="frozen_vision", micro_batch=2, zero_stage=-1)
+    assert cfg.resolved_zero_stage == 2
+    result = _spawn(1, [("fv-zero2", cfg.to_dict(), str(tiny_ckpt), _cuts(samples, 2, 1, 1))], tmp_path)["fv-zero2"]
+    assert result["losses"] == pytest.approx(PINNED_LOSSES["frozen_vision"], abs=2e-4), result["losses"]
+    assert result["n_frozen"] > 0 and result["frozen_unchanged"]

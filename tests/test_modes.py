@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from phi3v_ray.model import Phi3VForCausalLM
-from phi3v_ray.modes import Mode, LoraSettings, apply_mode, enable_gradient_checkpointing
+from phi3v_ray.modes import Mode, LoraSettings, apply_mode, checkpointable_layers, enable_gradient_checkpointing
 
 UNUSED = re.compile(r"img_processor\.vision_model\.(post_layernorm|encoder\.layers\.2)\.")  # tiny CLIP has 3 layers
 VISION = "model.vision_embed_tokens."
@@ -100,3 +102,73 @@ def test_qlora_is_lora_on_a_4bit_base(tiny_ckpt):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- no backward through frozen towers
+CLIP_TOKENS = 577  # 1 class token + 24×24 patches per 336-px crop: only CLIP tensors have this length
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts aten ops; `clip` counts those touching a CLIP-shaped tensor (… × 577 × width)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.clip = Counter(), Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.ops[name] += 1
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if any(t.ndim >= 2 and CLIP_TOKENS in t.shape[-3:] for t in tensors):
+            self.clip[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _attention_backward(counts: Counter) -> int:
+    return sum(n for name, n in counts.items() if "attention" in name and "backward" in name)
+
+
+def _todays_checkpointing(model) -> None:
+    """What the code did before issue #13: transformers' enable (which hooks every input embedding) + a second set."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    target.enable_input_require_grads()
+
+
+def _grads_and_backward_ops(tiny_ckpt, mode, lora, checkpointing):
+    torch.manual_seed(0)
+    model = apply_mode(_model(tiny_ckpt), mode, lora)
+    model.train()
+    checkpointing(model)
+    loss = model(**_batch(model), loss_only=True).loss
+    with OpCounter() as counter:
+        loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, counter
+
+
+@pytest.mark.parametrize("mode,lora", [(Mode.FROZEN_VISION, None), (Mode.LORA, LoraSettings(rank=4, alpha=8, vision=False))],
+                         ids=["frozen_vision", "lora_text_only"])
+def test_frozen_clip_runs_no_backward_and_the_gradients_are_unchanged(tiny_ckpt, mode, lora):
+    before, old = _grads_and_backward_ops(tiny_ckpt, mode, lora, _todays_checkpointing)
+    after, new = _grads_and_backward_ops(tiny_ckpt, mode, lora, enable_gradient_checkpointing)
+    assert _attention_backward(old.clip) >= 2  # the two used tiny CLIP layers back-propagated before
+    assert sum(new.clip.values()) == 0, new.clip  # no CLIP-shaped op at all in the backward now
+    assert _attention_backward(new.ops) > 0  # the LM still back-propagates through its attention
+    assert before.keys() == after.keys() and before
+    for name, grad in before.items():
+        assert torch.equal(grad, after[name]), name
+
+
+def test_lora_with_vision_adapters_still_back_propagates_through_clip(tiny_ckpt):
+    grads, counter = _grads_and_backward_ops(tiny_ckpt, Mode.LORA, LoraSettings(rank=4, alpha=8),
+                                             enable_gradient_checkpointing)
+    assert _attention_backward(counter.clip) >= 2
+    assert all(g is not None for g in grads.values())
+
+
+def test_checkpointing_can_be_chosen_per_layer(tiny_ckpt):
+    model = apply_mode(_model(tiny_ckpt), Mode.FULL)
+    enable_gradient_checkpointing(model, lm_layers=[1], clip_layers=[])
+    lm, clip = checkpointable_layers(model)
+    assert [layer.gradient_checkpointing for layer in lm] == [False, True]
+    assert [layer.gradient_checkpointing for layer in clip] == [False, False]
