@@ -264,3 +264,22 @@ def test_micro_batch_accumulation_and_ranks_give_the_same_steps_under_ddp_and_ze
     # (DeepSpeed sums the squared gradient norm over its flat partitions: the norms agree to ~2e-5 relative.)
     _assert_same_run(results["ddp-micro2"], results["zero2-micro2"], "DDP vs ZeRO-2", norm_rel=1e-4)
     assert results["zero2-micro2"]["losses"] == pytest.approx(PINNED_LOSSES["full"], abs=2e-4)
+
+
+def test_a_step_on_uint8_crops_equals_the_step_on_float_pixel_values(tiny_ckpt, demo_data):
+    """The Ray Data rows' uint8 layout expanded by the engine gives the float batch's loss and update."""
+    processor = Phi3VProcessor.from_pretrained(tiny_ckpt, num_crops=1)
+    rec = json.loads((demo_data / "train.jsonl").read_text().splitlines()[1])
+    turn = rec["conversations"][0]
+    images = [Image.open(demo_data / "images" / p).convert("RGB") for p in turn["images"]]
+    rows = {}
+    for crops in (False, True):
+        ex = build_example(processor, [turn], images, crops=crops)
+        rows[crops] = {"input_ids": ex.input_ids, "labels": ex.labels, "image_sizes": ex.image_sizes,
+                       **({"pixel_crops": ex.pixel_crops} if crops else {"pixel_values": ex.pixel_values})}
+    cfg = _cfg(mode="full")
+    floats = _run(cfg, tiny_ckpt, [[collate([rows[False]])]] * 2)
+    uint8 = _run(cfg, tiny_ckpt, [[collate([rows[True]])]] * 2)
+    assert uint8["losses"] == floats["losses"] and uint8["grad_norms"] == floats["grad_norms"]
+    for name, value in floats["trainable"].items():
+        assert torch.equal(uint8["trainable"][name], value), name
