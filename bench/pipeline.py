@@ -190,9 +190,17 @@ def main(argv=None) -> None:
 
     processor = Phi3VProcessor.from_pretrained(ckpt, num_crops=args.num_crops)
     cpu = cpu_per_page(processor, data_config(1, "uint8"), args.seconds)
+    _table(cpu, ("case", "layout", "cpu_ms_per_page", "pages_per_cpu_s"))
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(address="local", num_cpus=max(actors) + 1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    for attempt in range(3):  # a local Ray can time out starting on a loaded machine
+        try:
+            ray.init(address="local", num_cpus=max(actors) + 1, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+            break
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for a start-up timeout
+            if attempt == 2:
+                raise
+            print(f"ray.init failed ({e}); retrying", file=sys.stderr)
     ray.data.DataContext.get_current().enable_progress_bars = False
     sizes = [bytes_per_row(data_config(1, layout), paths, rows=4) for layout in layouts]
     runs = [run_ray(data_config(n, layout), paths, args.micro_batch, n) for layout in layouts for n in actors]

@@ -298,11 +298,12 @@ class Phi3VPreprocessor:
             self.processor, conversations, images, max_length=self.data.max_length,
             overflow=self.data.overflow, system=self.data.system or None, crops=crops,
         )
+        pixels = {"pixel_crops": ex.pixel_crops} if crops else {"pixel_values": ex.pixel_values.astype(np.float32, copy=False)}
         return {
             "id": record["id"],
             "input_ids": ex.input_ids,
             "labels": ex.labels,
-            **({"pixel_crops": ex.pixel_crops} if crops else {"pixel_values": ex.pixel_values.astype(np.float32, copy=False)}),
+            **pixels,
             "image_sizes": ex.image_sizes.astype(np.int64, copy=False),
             "num_images": ex.num_images,
             "num_tokens": int(ex.input_ids.shape[0]),
