@@ -336,3 +336,22 @@ def test_collate_copies_pixels_once_and_refuses_mixed_layouts(processor, process
                         overflow="truncate")
     assert cut.image_sizes.tolist() == [[336, 336]]
     np.testing.assert_array_equal(cut.pixel_crops, full.pixel_crops[2:])
+
+
+def test_evaluation_prompts_from_uint8_rows_generate_what_float_rows_do(tiny_ckpt, processor, processor2):
+    """Evaluation reads the pipeline's rows: uint8 crops give the float rows' prompts and answers."""
+    from phi3v_ray.evaluate import generate_answers, prompt_row
+    from phi3v_ray.model import Phi3VForCausalLM
+
+    model = Phi3VForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    conv = [{"images": ["a", "b"], "user": "Same colour?", "assistant": "yes"},
+            {"images": ["c"], "user": "And this one?", "assistant": "no"}]
+    images = [SQUARE, WIDE, SQUARE]
+    floats, crops = (build_example(processor2, conv, images, crops=c) for c in (False, True))
+    float_prompt, answers = prompt_row(_as_row(floats), processor)
+    crop_prompt, crop_answers = prompt_row(_as_crop_row(crops), processor)
+    assert crop_answers == answers and crop_prompt["pixel_crops"].shape[0] == 2 + 1  # the first turn's images only
+    np.testing.assert_array_equal(crop_prompt["input_ids"], float_prompt["input_ids"])
+    a = generate_answers(model, processor, [float_prompt], 4, torch.device("cpu"))
+    b = generate_answers(model, processor, [crop_prompt], 4, torch.device("cpu"))
+    assert a == b
