@@ -172,7 +172,7 @@ def test_rows_match_processor_with_ragged_images(nine_records, pipe_root, tiny_c
         assert row["pixel_crops"].dtype == np.uint8
         assert row["pixel_crops"].shape == (ex.num_images, 3, 336, 336)
         sizes = np.asarray(row["image_sizes"]).reshape(-1, 2)
-        expanded = pixel_values_from_crops(torch.tensor(row["pixel_crops"]), torch.from_numpy(sizes),
+        expanded = pixel_values_from_crops(torch.tensor(row["pixel_crops"]), torch.tensor(sizes),
                                            num_slots=NUM_CROPS + 1)
         np.testing.assert_array_equal(expanded.numpy(), ex.pixel_values)
         np.testing.assert_array_equal(sizes, ex.image_sizes)
