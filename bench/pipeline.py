@@ -1,18 +1,25 @@
-"""Data pipeline throughput: the Ray Data pipeline with 1 and 2 preprocessing actors against the
-processor in a plain Python loop, on the demo data and a tiny checkpoint (nothing downloaded).
+"""Data feed throughput: DocVQA-shaped pages through the Ray Data pipeline, before and after.
 
-Every variant ends at the same place, collated micro batches of torch tensors (right padding):
+"Before" is the float32 row layout (`pixel_format=float32`: the model's pixel_values, 17 slots of
+3×336×336 float32 per 16-crop page, normalised and globally resized on the CPU); "after" is the
+default uint8 layout (`pixel_format=uint8`: the page's real HD crops as uint8, normalised and
+resized on the training device by `phi3v_ray.processor.pixel_values_from_crops`, bit-identical
+on the CPU). One invocation measures, for each layout:
 
-    plain        build_example per record (open images, HD crops, tokenize) + collate, one process,
-                 torch at --torch-threads (default 1, as Ray gives a 1-CPU actor: OMP_NUM_THREADS=1)
-    ray Nx1cpu   build_dataset → N actors × 1 CPU each → iter_train_batches (driver collates)
+    cpu per page   process CPU time of one page in one thread, image work only (`preprocess` vs
+                   `hd_crops`) and the whole row (PNG decode + `build_example`), on the same page
+    bytes per row  the materialized Ray Data blocks of a few rows (`Dataset.size_bytes`) per row,
+                   and the row's arrays' nbytes
+    records/s      build_dataset → N actors × 1 CPU → iter_train_batches (the consumer collates),
+                   for each N in --actors; "steady" counts records after the first batch over the
+                   time after it (what a long epoch sees), "wall" includes actor start-up
 
-"wall" includes Ray Data start-up (actor start, processor load); "steady" counts the records after
-the first batch over the time after it, which is what a long epoch sees. The demo cycles 1-, 2-,
-8- and 1-image records, so at --num-crops 4 an average record carries 3 images × 6.8 MB of pixels.
+Pages are synthetic, generated on the fly (nothing downloaded): 1700×2200 white pages with lines
+of dark "words", saved as PNG like DocVQA's scans, one question each, at num_crops 16 (a page is
+[1344, 1344]: 16 crops, 2509 image tokens). `--data demo` runs the demo records instead.
 
-    python bench/pipeline.py                                   # 200 records, num_crops 4, actors 1 and 2
-    python bench/pipeline.py --records 400 --num-crops 16 --actors 1,2 --out bench/results/pipeline.json
+    python bench/pipeline.py --out bench/results/pipeline_docvqa.json     # 48 pages, actors 1,2,4
+    python bench/pipeline.py --data demo --num-crops 4 --records 200 --actors 1,2
 """
 
 from __future__ import annotations
@@ -28,53 +35,108 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from PIL import Image  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 from datasets_ray.demo import make_demo_dataset  # noqa: E402
-from datasets_ray.pipeline import DataPaths, build_dataset, recommended_ray_init_cpus  # noqa: E402
-from datasets_ray.schema import iter_jsonl  # noqa: E402
-from phi3v_ray.collate import collate, iter_train_batches  # noqa: E402
+from datasets_ray.pipeline import DataPaths, build_dataset  # noqa: E402
+from datasets_ray.schema import iter_jsonl, write_jsonl  # noqa: E402
+from phi3v_ray.collate import iter_train_batches  # noqa: E402
 from phi3v_ray.config import DataConfig  # noqa: E402
 from phi3v_ray.examples import build_example  # noqa: E402
 from phi3v_ray.processor import Phi3VProcessor  # noqa: E402
 from phi3v_ray.tiny import write_tiny_checkpoint  # noqa: E402
 
+LAYOUTS = ("float32", "uint8")  # before, after
 
-def run_plain(data: DataConfig, paths: DataPaths, micro_batch: int, torch_threads: int) -> dict:
+
+def document_page(seed: int, width: int = 1700, height: int = 2200) -> Image.Image:
+    """A white page with ~70 lines of dark word boxes and a grey table: compresses like a scan."""
+    rng = np.random.default_rng(seed)
+    page = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(page)
+    y = 120
+    while y < height - 140:
+        x = 110
+        while x < width - 200:
+            w = int(rng.integers(30, 170))
+            shade = int(rng.integers(0, 90))
+            draw.rectangle([x, y, x + w, y + 18], fill=(shade, shade, shade + int(rng.integers(0, 30))))
+            x += w + int(rng.integers(12, 24))
+        y += int(rng.integers(26, 40))
+        if rng.random() < 0.04:  # a table
+            draw.rectangle([150, y, width - 150, y + 160], outline=(60, 60, 60), width=3, fill=(235, 235, 235))
+            y += 190
+    return page
+
+
+def make_pages(out: Path, n: int) -> None:
+    """n DocVQA-shaped records over 8 distinct pages (PNG), in the recipe's jsonl format."""
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for k in range(8):
+        if not (images / f"page{k}.png").is_file():
+            document_page(k).save(images / f"page{k}.png")
+    records = [{"id": f"page-{i:05d}", "source": "docvqa-synthetic",
+                "conversations": [{"images": [f"page{i % 8}.png"], "user": "What is the total on this page?",
+                                   "assistant": f"{(i * 37) % 1000}.00"}]} for i in range(n)]
+    write_jsonl(out / "train.jsonl", records)
+
+
+def cpu_per_page(processor: Phi3VProcessor, data: DataConfig, seconds: float) -> list[dict]:
+    """Process CPU ms per page, one thread: image work alone and the whole row, float32 vs uint8."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(torch_threads)
+    torch.set_num_threads(1)
+    root = Path(data.images_root)
+    rec = next(json.loads(t) for _, t in iter_jsonl(data.train_file))
+    conv = rec["conversations"]
+    path = root / conv[0]["images"][0]
+    page = Image.open(path).convert("RGB")
+    image_processor = processor.image_processor
+
+    def whole_row(crops: bool):
+        def run():
+            image = Image.open(path)
+            image.load()
+            build_example(processor, conv, [image.convert("RGB")], max_length=data.max_length, crops=crops)
+        return run
+
+    cases = [("image work", "float32", lambda: image_processor.preprocess([page])),
+             ("image work", "uint8", lambda: image_processor.hd_crops([page])),
+             ("row (decode + build_example)", "float32", whole_row(False)),
+             ("row (decode + build_example)", "uint8", whole_row(True))]
+    out = []
     try:
-        return _run_plain(data, paths, micro_batch)
+        for what, layout, fn in cases:
+            fn()
+            n, start = 0, time.process_time()
+            while n < 3 or time.process_time() - start < seconds:
+                fn()
+                n += 1
+            ms = 1000 * (time.process_time() - start) / n
+            out.append({"case": what, "layout": layout, "cpu_ms_per_page": round(ms, 1),
+                        "pages_per_cpu_s": round(1000 / ms, 1), "iterations": n})
     finally:
         torch.set_num_threads(threads)
+    return out
 
 
-def _run_plain(data: DataConfig, paths: DataPaths, micro_batch: int) -> dict:
-    t0 = time.perf_counter()
-    processor = Phi3VProcessor.from_pretrained(paths.processor_dir, num_crops=data.num_crops)
-    t_load = time.perf_counter()
-    root = Path(data.images_root)
-    records = [json.loads(text) for _, text in iter_jsonl(data.train_file)]
-    rows, n, t_first = [], 0, None
-    for rec in records:
-        images = [Image.open(root / rel).convert("RGB") for turn in rec["conversations"] for rel in turn["images"]]
-        ex = build_example(processor, rec["conversations"], images, max_length=data.max_length)
-        rows.append({"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": ex.pixel_values, "image_sizes": ex.image_sizes})
-        if len(rows) == micro_batch:
-            collate(rows)
-            n += len(rows)
-            rows = []
-            t_first = t_first or time.perf_counter()
-    if rows:
-        collate(rows)
-        n += len(rows)
-    t_end = time.perf_counter()
-    return _timings("plain", n, n - micro_batch, t0, t_first or t_end, t_end, startup_s=t_load - t0)
+def bytes_per_row(data: DataConfig, paths: DataPaths, rows: int) -> dict:
+    """Materialized blocks' bytes per row (the object store's share) and the row arrays' nbytes."""
+    ds = build_dataset(data, paths).limit(rows).materialize()
+    taken = ds.take_all()
+    column = "pixel_crops" if data.pixel_format == "uint8" else "pixel_values"
+    arrays = [sum(np.asarray(r[k]).nbytes for k in ("input_ids", "labels", column, "image_sizes")) for r in taken]
+    pixels = taken[0][column]
+    result = {"layout": data.pixel_format, "rows": len(taken), "block_bytes_per_row": round(ds.size_bytes() / len(taken)),
+              "array_bytes_per_row": round(sum(arrays) / len(arrays)), "pixel_column": column,
+              "pixel_shape": list(pixels.shape), "pixel_dtype": str(pixels.dtype)}
+    return result
 
 
-def run_ray(data: DataConfig, paths: DataPaths, micro_batch: int) -> dict:
+def run_ray(data: DataConfig, paths: DataPaths, micro_batch: int, actors: int) -> dict:
     t0 = time.perf_counter()
     ds = build_dataset(data, paths)
     n = n_first = 0
@@ -84,27 +146,22 @@ def run_ray(data: DataConfig, paths: DataPaths, micro_batch: int) -> dict:
         if t_first is None:
             t_first, n_first = time.perf_counter(), n
     t_end = time.perf_counter()
-    return _timings(f"ray {data.actor_pool[1]}x{data.preprocess_cpus:g}cpu", n, n - n_first, t0, t_first, t_end)
-
-
-def _timings(name, n, n_after_first, t0, t_first, t_end, startup_s=None) -> dict:
-    steady = n_after_first / (t_end - t_first) if t_end > t_first and n_after_first > 0 else float("nan")
-    return {
-        "variant": name, "records": n, "wall_s": round(t_end - t0, 2), "first_batch_s": round(t_first - t0, 2),
-        "records_per_s": round(n / (t_end - t0), 2), "steady_records_per_s": round(steady, 2),
-        "load_avg_1m": round(os.getloadavg()[0], 1),  # other work on the machine skews every number
-        **({"startup_s": round(startup_s, 2)} if startup_s is not None else {}),
-    }
+    steady = (n - n_first) / (t_end - t_first) if t_end > t_first and n > n_first else float("nan")
+    return {"layout": data.pixel_format, "actors": actors, "records": n, "wall_s": round(t_end - t0, 2),
+            "first_batch_s": round(t_first - t0, 2), "records_per_s": round(n / (t_end - t0), 2),
+            "steady_records_per_s": round(steady, 2), "load_avg_1m": round(os.getloadavg()[0], 1)}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", type=int, default=200, help="demo records (cycling 1, 2, 8, 1 images)")
-    ap.add_argument("--num-crops", type=int, default=4, help="HD crop budget per image, 1..16")
-    ap.add_argument("--actors", default="1,2", help="comma-separated actor counts (1 CPU each)")
-    ap.add_argument("--micro-batch", type=int, default=4, help="records per collated batch")
-    ap.add_argument("--batch-size", type=int, default=4, help="records per map_batches call")
-    ap.add_argument("--torch-threads", type=int, default=1, help="torch threads for the plain loop")
+    ap.add_argument("--data", choices=("docvqa", "demo"), default="docvqa", help="synthetic pages or the demo records")
+    ap.add_argument("--records", type=int, default=48, help="records per pipeline run")
+    ap.add_argument("--num-crops", type=int, default=16, help="HD crop budget per image, 1..16")
+    ap.add_argument("--actors", default="1,2,4", help="comma-separated actor counts (1 CPU each)")
+    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="row layouts to run: float32 (before), uint8 (after)")
+    ap.add_argument("--micro-batch", type=int, default=2, help="records per collated batch")
+    ap.add_argument("--batch-size", type=int, default=2, help="records per map_batches call")
+    ap.add_argument("--seconds", type=float, default=3.0, help="minimum timed CPU seconds per cpu-per-page case")
     ap.add_argument("--workdir", default=None, help="where data and checkpoint go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="also write the results as json here")
     args = ap.parse_args(argv)
@@ -112,40 +169,64 @@ def main(argv=None) -> None:
     import ray
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-pipeline-"))
-    ckpt, demo = work / "ckpt", work / "data"
+    ckpt, root = work / "ckpt", work / args.data
     if not (ckpt / "tokenizer.json").is_file():
         write_tiny_checkpoint(ckpt, num_crops=args.num_crops)
-    if not (demo / "train.jsonl").is_file() or sum(1 for _ in iter_jsonl(demo / "train.jsonl")) != args.records:
-        make_demo_dataset(demo, n_train=args.records, n_val=0, n_test=0)
+    if not (root / "train.jsonl").is_file() or sum(1 for _ in iter_jsonl(root / "train.jsonl")) != args.records:
+        if args.data == "docvqa":
+            make_pages(root, args.records)
+        else:
+            make_demo_dataset(root, n_train=args.records, n_val=0, n_test=0)
     actors = [int(a) for a in args.actors.split(",")]
+    layouts = [s for s in args.layouts.split(",") if s]
     paths = DataPaths(processor_dir=str(ckpt), work_dir=str(work / "manifests"))
 
-    def data_config(n_actors: int) -> DataConfig:
+    def data_config(n_actors: int, layout: str) -> DataConfig:
         return DataConfig(
-            train_file=str(demo / "train.jsonl"), images_root=str(demo / "images"), num_crops=args.num_crops,
+            train_file=str(root / "train.jsonl"), images_root=str(root / "images"), num_crops=args.num_crops,
             preprocess_actors=n_actors, preprocess_cpus=1.0, preprocess_batch_size=args.batch_size,
+            pixel_format=layout,
         )
 
-    results = [run_plain(data_config(1), paths, args.micro_batch, args.torch_threads)]  # also warms the page cache
+    processor = Phi3VProcessor.from_pretrained(ckpt, num_crops=args.num_crops)
+    cpu = cpu_per_page(processor, data_config(1, "uint8"), args.seconds)
+    _table(cpu, ("case", "layout", "cpu_ms_per_page", "pages_per_cpu_s"))
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=recommended_ray_init_cpus(0, 0, data_config(max(actors))), include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    for n in actors:
-        results.append(run_ray(data_config(n), paths, args.micro_batch))
+    for attempt in range(3):  # a local Ray can time out starting on a loaded machine
+        try:
+            ray.init(address="local", num_cpus=max(actors) + 1, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+            break
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for a start-up timeout
+            if attempt == 2:
+                raise
+            print(f"ray.init failed ({e}); retrying", file=sys.stderr)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    sizes = [bytes_per_row(data_config(1, layout), paths, rows=4) for layout in layouts]
+    runs = [run_ray(data_config(n, layout), paths, args.micro_batch, n) for layout in layouts for n in actors]
     ray.shutdown()
 
-    print(f"\n{args.records} demo records, num_crops {args.num_crops}, micro batch {args.micro_batch}, "
-          f"{os.cpu_count()} cores ({platform.processor() or platform.machine()})")
-    cols = ("variant", "records", "wall_s", "first_batch_s", "records_per_s", "steady_records_per_s", "load_avg_1m")
-    print("  ".join(f"{c:>20}" for c in cols))
-    for r in results:
-        print("  ".join(f"{r[c]!s:>20}" for c in cols))
+    cores = os.cpu_count()
+    print(f"\n{args.records} {args.data} records, num_crops {args.num_crops}, micro batch {args.micro_batch}, "
+          f"{cores} cores ({platform.processor() or platform.machine()}), load average {os.getloadavg()[0]:.1f}")
+    _table(cpu, ("case", "layout", "cpu_ms_per_page", "pages_per_cpu_s"))
+    _table(sizes, ("layout", "block_bytes_per_row", "array_bytes_per_row", "pixel_shape", "pixel_dtype"))
+    _table(runs, ("layout", "actors", "records", "wall_s", "first_batch_s", "records_per_s", "steady_records_per_s",
+                  "load_avg_1m"))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        payload = {"records": args.records, "num_crops": args.num_crops, "micro_batch": args.micro_batch,
-                   "cores": os.cpu_count(), "results": results}
+        payload = {"data": args.data, "records": args.records, "num_crops": args.num_crops,
+                   "micro_batch": args.micro_batch, "cores": cores, "cpu_per_page": cpu, "bytes_per_row": sizes,
+                   "pipeline": runs, "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])}
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.out}")
+
+
+def _table(rows: list[dict], cols: tuple[str, ...]) -> None:
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+    print("\n" + "  ".join(f"{c:>{w}}" for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(f"{r[c]!s:>{w}}" for c, w in zip(cols, widths)))
 
 
 if __name__ == "__main__":

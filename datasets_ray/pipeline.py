@@ -13,7 +13,10 @@ ragged columns as variable-shaped tensors):
     id            str
     input_ids     int64 (T,)            −k at image k's placeholder positions
     labels        int64 (T,)            −100 except on answer tokens
-    pixel_values  float32 (n_img, num_crops+1, 3, 336, 336)
+    pixel_crops   uint8 (Σ h·w, 3, 336, 336)  the HD crops of every image, no global view, no padding
+                  (pixel_format "uint8", the default; the training worker makes pixel_values on its
+                  device: phi3v_ray.collate.to_device), or instead
+    pixel_values  float32 (n_img, num_crops+1, 3, 336, 336)   (pixel_format "float32": 4× the bytes)
     image_sizes   int64 (n_img, 2)      padded HD (H, W) per image
     num_images    int64                 n_img
     num_tokens    int64                 T
@@ -39,6 +42,8 @@ CPU rule (STACK_NOTES): Ray Data gets only the CPUs that training workers leave.
 `ray.init(num_cpus=2)` and two 1-CPU workers nothing is left and the first read waits forever.
 Preprocessing actors ask for a fraction of a CPU (0.5 by default), read tasks for 0.25; size the
 cluster with `recommended_ray_init_cpus` and check it on the driver with `check_cpu_budget`.
+The actor pool follows the trainers (`DataConfig.actor_pool`): by default one actor per training
+worker, autoscaling to two per worker; a busy actor uses one core whatever its logical share.
 """
 
 from __future__ import annotations
@@ -67,7 +72,8 @@ logger = logging.getLogger(__name__)
 
 READ_NUM_CPUS = 0.25  # reading the manifest is light; a whole CPU per read task would starve training
 NODE_RESOURCE_AMOUNT = 0.001  # a sliver of the custom resource: pins actors to marked nodes, caps nothing
-ROW_COLUMNS = ("id", "input_ids", "labels", "pixel_values", "image_sizes", "num_images", "num_tokens", "task", "answers")
+ROW_COLUMNS = ("id", "input_ids", "labels", "pixel_crops", "image_sizes", "num_images", "num_tokens", "task", "answers")
+PIXEL_COLUMN = {"uint8": "pixel_crops", "float32": "pixel_values"}  # by DataConfig.pixel_format
 MANIFEST_COLUMNS = ("id", "_file", "_line", "record")
 
 
@@ -105,9 +111,14 @@ def check_inputs(data: DataConfig, paths: DataPaths, files: Sequence[str]) -> No
 # resources
 
 
-def preprocess_cpus(data: DataConfig) -> float:
+def row_columns(data: DataConfig) -> tuple[str, ...]:
+    """The columns of a row: ROW_COLUMNS with the pixel column of data.pixel_format."""
+    return tuple(PIXEL_COLUMN[data.pixel_format] if c == "pixel_crops" else c for c in ROW_COLUMNS)
+
+
+def preprocess_cpus(data: DataConfig, num_workers: int = 1) -> float:
     """Logical CPUs Ray Data holds at its peak: every preprocessing actor plus one read task."""
-    return data.actor_pool[1] * data.preprocess_cpus + READ_NUM_CPUS
+    return data.actor_pool(num_workers)[1] * data.preprocess_cpus + READ_NUM_CPUS
 
 
 def recommended_ray_init_cpus(num_workers: int, cpus_per_worker: float, data: DataConfig) -> int:
@@ -116,22 +127,23 @@ def recommended_ray_init_cpus(num_workers: int, cpus_per_worker: float, data: Da
     Ray Data only sees what the workers leave; when that is less than one read task plus one
     actor the dataset waits forever. Logical CPUs may exceed the cores (2 cores → num_cpus=4 here).
     """
-    return math.ceil(num_workers * cpus_per_worker + preprocess_cpus(data))
+    return math.ceil(num_workers * cpus_per_worker + preprocess_cpus(data, num_workers))
 
 
 def check_cpu_budget(cluster_cpus: float, num_workers: int, cpus_per_worker: float, data: DataConfig) -> None:
     """Raise ConfigError on the driver if the training workers would leave Ray Data too few CPUs to start."""
     left = cluster_cpus - num_workers * cpus_per_worker
-    need = data.preprocess_cpus + READ_NUM_CPUS
+    actors = data.actor_pool(num_workers)[0]
+    need = actors * data.preprocess_cpus + READ_NUM_CPUS
     if left < need:
         enough = recommended_ray_init_cpus(num_workers, cpus_per_worker, data)
         raise ConfigError([Problem(
             "cpus_per_worker", cpus_per_worker,
             f"{num_workers} training workers × {cpus_per_worker:g} CPUs leave Ray Data {max(left, 0):g} of the "
-            f"cluster's {cluster_cpus:g} CPUs, but it needs at least {need:g} (one preprocessing actor at "
+            f"cluster's {cluster_cpus:g} CPUs, but it needs at least {need:g} ({actors} preprocessing actor(s) at "
             f"preprocess_cpus={data.preprocess_cpus:g} + a read task at {READ_NUM_CPUS:g}); the dataset would wait "
             f"forever. Fix: a cluster of {enough} CPUs (locally ray.init(num_cpus={enough})), fewer CPUs per "
-            "worker, or a smaller preprocess_cpus",
+            "worker, fewer preprocess_actors, or a smaller preprocess_cpus",
         )], what="training config for this cluster")
 
 
@@ -281,15 +293,17 @@ class Phi3VPreprocessor:
         """One validated record → one row (see the module docstring for the columns)."""
         conversations = record["conversations"]
         images = [self.load_image(rel) for turn in conversations for rel in (turn.get("images") or [])]
+        crops = self.data.pixel_format == "uint8"
         ex = build_example(
             self.processor, conversations, images, max_length=self.data.max_length,
-            overflow=self.data.overflow, system=self.data.system or None,
+            overflow=self.data.overflow, system=self.data.system or None, crops=crops,
         )
+        pixels = {"pixel_crops": ex.pixel_crops} if crops else {"pixel_values": ex.pixel_values.astype(np.float32, copy=False)}
         return {
             "id": record["id"],
             "input_ids": ex.input_ids,
             "labels": ex.labels,
-            "pixel_values": ex.pixel_values.astype(np.float32, copy=False),
+            **pixels,
             "image_sizes": ex.image_sizes.astype(np.int64, copy=False),
             "num_images": ex.num_images,
             "num_tokens": int(ex.input_ids.shape[0]),
@@ -300,7 +314,8 @@ class Phi3VPreprocessor:
         }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray | list]:
-        out: dict[str, list] = {k: [] for k in ROW_COLUMNS}
+        columns = row_columns(self.data)
+        out: dict[str, list] = {k: [] for k in columns}
         for rid, file, line, text in zip(batch["id"], batch["_file"], batch["_line"], batch["record"]):
             rid, file, line = str(rid), str(file), int(line)
             try:
@@ -311,13 +326,14 @@ class Phi3VPreprocessor:
                     raise BadRecord(reason, path=file, line=line, record_id=rid) from e
                 self.quarantine({"file": file, "line": line, "id": rid, "reason": reason, "raw": str(text)})
                 continue
-            for k in ROW_COLUMNS:
+            for k in columns:
                 out[k].append(row[k])
+        pixels = PIXEL_COLUMN[self.data.pixel_format]
         return {
             "id": np.asarray(out["id"], dtype=object),
             "input_ids": out["input_ids"],
             "labels": out["labels"],
-            "pixel_values": out["pixel_values"],
+            pixels: out[pixels],
             "image_sizes": out["image_sizes"],
             "num_images": np.asarray(out["num_images"], dtype=np.int64),
             "num_tokens": np.asarray(out["num_tokens"], dtype=np.int64),
@@ -340,9 +356,9 @@ class Phi3VPreprocessor:
 # the dataset
 
 
-def map_batches_kwargs(data: DataConfig, paths: DataPaths, split: str = "train") -> dict:
+def map_batches_kwargs(data: DataConfig, paths: DataPaths, split: str = "train", num_workers: int = 1) -> dict:
     """Arguments of the preprocessing map_batches: actor pool, CPUs, node pinning, batch size."""
-    low, high = data.actor_pool
+    low, high = data.actor_pool(num_workers, split)
     compute = ActorPoolStrategy(min_size=low, max_size=high) if high > low else ActorPoolStrategy(size=low)
     kwargs = dict(
         fn_constructor_kwargs={"data": data, "paths": paths, "split": split},
@@ -357,12 +373,14 @@ def map_batches_kwargs(data: DataConfig, paths: DataPaths, split: str = "train")
 
 
 def build_dataset(
-    data: DataConfig, paths: DataPaths, files: Sequence[str] | None = None, split: str = "train"
+    data: DataConfig, paths: DataPaths, files: Sequence[str] | None = None, split: str = "train",
+    num_workers: int = 1,
 ) -> ray.data.Dataset:
     """Validate the split on the driver, then read → decode + HD crops + tokenize, streaming.
 
     files defaults to data.train_file (split "train") or data.val_file (any other split). Also
-    sets preserve_order on the current DataContext (see configure_data_context).
+    sets preserve_order on the current DataContext (see configure_data_context). num_workers (the
+    training workers the dataset feeds) sizes an auto actor pool.
     """
     if files is None:
         default = data.train_file if split == "train" else data.val_file
@@ -379,7 +397,7 @@ def build_dataset(
     ds = ray.data.read_json(
         str(manifest.path), override_num_blocks=num_blocks, num_cpus=READ_NUM_CPUS, resources=resources
     )
-    ds = ds.map_batches(Phi3VPreprocessor, **map_batches_kwargs(data, paths, split))
+    ds = ds.map_batches(Phi3VPreprocessor, **map_batches_kwargs(data, paths, split, num_workers))
     if data.object_store_memory_limit:
         limits = ds.context.execution_options.resource_limits
         ds.context.execution_options.resource_limits = limits.copy(object_store_memory=data.object_store_memory_limit)

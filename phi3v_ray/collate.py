@@ -5,7 +5,8 @@ The attention mask comes from sequence lengths, never from the pad id: the pad i
 `<|endoftext|>`, which sits inside every supervised answer (the recipe's collators hid it).
 Right padding for training, left padding for generation.
 
-    training worker: iter_train_batches(shard, ...) ──▶ Phi3VCollate ──▶ collate (right padding)
+    training worker: iter_train_batches(shard, ...) ──▶ Phi3VCollate ──▶ collate (right padding, pinned on CUDA)
+        ──▶ to_device (engine): non-blocking copies; uint8 crops → float pixel_values on the device
 
 Nothing here imports Ray: `iter_train_batches` only calls the shard's own `iter_batches`.
 """
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from .constants import ENDOFTEXT_ID, IGNORE_INDEX
+from .processor import pixel_values_from_crops
 
 
 def collate(
@@ -26,11 +28,20 @@ def collate(
     padding_side: str = "right",
     pad_id: int = ENDOFTEXT_ID,
     pad_to_multiple_of: int | None = None,
+    pin_memory: bool = False,
 ) -> dict[str, torch.Tensor | None]:
-    """Rows with input_ids, labels (optional), pixel_values, image_sizes → one padded batch.
+    """Rows with input_ids, labels (optional), pixels, image_sizes → one padded batch.
 
-    pixel_values of all rows are concatenated in row order, which is the order the model reads
-    placeholder blocks in; rows may hold different numbers of images and crops.
+    Images of all rows are concatenated in row order, which is the order the model reads
+    placeholder blocks in; rows may hold different numbers of images and crops. Rows carry their
+    pixels in one of the two layouts of `phi3v_ray.processor`, all rows the same:
+
+        pixel_values  float32 (n_img, slots, 3, 336, 336) → batch pixel_values, zero-padded to the most slots
+        pixel_crops   uint8   (Σ h·w, 3, 336, 336)        → batch pixel_crops, concatenated; `to_device`
+                                                            makes the float pixel_values on the device
+
+    Every array is copied once, straight into the batch's buffer; with pin_memory the buffers are
+    page-locked, so the host-to-device copies in `to_device` run asynchronously.
     """
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -41,31 +52,66 @@ def collate(
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     n = len(rows)
-    input_ids = np.full((n, width), pad_id, dtype=np.int64)
-    labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
-    attention_mask = np.zeros((n, width), dtype=np.int64)
-    for i, (row, length) in enumerate(zip(rows, lengths)):
-        span = slice(0, length) if padding_side == "right" else slice(width - length, width)
-        input_ids[i, span] = np.asarray(row["input_ids"])
-        attention_mask[i, span] = 1
-        if row.get("labels") is not None:
-            labels[i, span] = np.asarray(row["labels"])
-
-    images = [np.asarray(r["pixel_values"], dtype=np.float32) for r in rows if _num_images(r)]
     batch = {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention_mask),
-        "labels": torch.from_numpy(labels),
+        "input_ids": _empty((n, width), torch.int64, pin_memory).fill_(pad_id),
+        "attention_mask": _empty((n, width), torch.int64, pin_memory).zero_(),
+        "labels": _empty((n, width), torch.int64, pin_memory).fill_(IGNORE_INDEX),
         "pixel_values": None,
         "image_sizes": None,
     }
-    if images:
-        crops = max(p.shape[1] for p in images)
-        padded = [np.pad(p, ((0, 0), (0, crops - p.shape[1]), (0, 0), (0, 0), (0, 0))) for p in images]
-        batch["pixel_values"] = torch.from_numpy(np.concatenate(padded, axis=0))
-        sizes = [np.asarray(r["image_sizes"], dtype=np.int64).reshape(-1, 2) for r in rows if _num_images(r)]
-        batch["image_sizes"] = torch.from_numpy(np.concatenate(sizes, axis=0))
+    input_ids, attention_mask, labels = (batch[k].numpy() for k in ("input_ids", "attention_mask", "labels"))
+    for i, (row, length) in enumerate(zip(rows, lengths)):
+        span = slice(0, length) if padding_side == "right" else slice(width - length, width)
+        input_ids[i, span] = row["input_ids"]
+        attention_mask[i, span] = 1
+        if row.get("labels") is not None:
+            labels[i, span] = row["labels"]
+
+    with_images = [r for r in rows if _num_images(r)]
+    if not with_images:
+        return batch
+    sizes = [np.asarray(r["image_sizes"], dtype=np.int64).reshape(-1, 2) for r in with_images]
+    batch["image_sizes"] = torch.from_numpy(np.concatenate(sizes, axis=0))
+    if pin_memory:
+        batch["image_sizes"] = batch["image_sizes"].pin_memory()
+    uint8 = [r.get("pixel_crops") is not None for r in with_images]
+    if all(uint8):
+        crops = [r["pixel_crops"] for r in with_images]
+        out = _empty((sum(c.shape[0] for c in crops), *crops[0].shape[1:]), torch.uint8, pin_memory)
+        np.concatenate(crops, axis=0, out=out.numpy())
+        batch["pixel_crops"] = out
+    elif not any(uint8):
+        images = [r["pixel_values"] for r in with_images]
+        slots = max(p.shape[1] for p in images)
+        out = _empty((sum(p.shape[0] for p in images), slots, *images[0].shape[2:]), torch.float32, pin_memory)
+        view, k = out.numpy(), 0
+        for p in images:
+            view[k : k + p.shape[0], : p.shape[1]] = p
+            view[k : k + p.shape[0], p.shape[1] :] = 0
+            k += p.shape[0]
+        batch["pixel_values"] = out
+    else:
+        raise ValueError("rows mix pixel layouts: some carry pixel_crops (uint8), others pixel_values (float); "
+                         "build every row of a dataset with the same DataConfig.pixel_format")
     return batch
+
+
+def _empty(shape: tuple, dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A collated host batch → the model's inputs on `device`.
+
+    Tensors are copied non-blocking (asynchronous when `collate` pinned them); uint8 pixel_crops
+    become the model's float pixel_values there (`pixel_values_from_crops`, reading the host copy of
+    image_sizes, so nothing waits for the device).
+    """
+    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    crops = out.pop("pixel_crops", None)
+    if crops is not None:
+        out["pixel_values"] = pixel_values_from_crops(crops, batch["image_sizes"])
+    return out
 
 
 def _num_images(row: dict) -> int:
@@ -94,17 +140,21 @@ class Phi3VCollate:
     """A numpy batch of pipeline rows (columns) → one padded torch batch via `collate`.
 
     A batch without images has pixel_values and image_sizes None, as collate returns them; with
-    return_ids the batch also carries "ids" (list of str), for logging and tests.
+    return_ids the batch also carries "ids" (list of str), for logging and tests. pin_memory None
+    pins the batch when this process sees a CUDA device.
     """
 
-    def __init__(self, padding_side: str = "right", pad_to_multiple_of: int | None = None, return_ids: bool = False):
+    def __init__(self, padding_side: str = "right", pad_to_multiple_of: int | None = None, return_ids: bool = False,
+                 pin_memory: bool | None = None):
         self.padding_side = padding_side
         self.pad_to_multiple_of = pad_to_multiple_of
         self.return_ids = return_ids
+        self.pin_memory = pin_memory
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
         rows = batch_rows(batch)
-        out = collate(rows, padding_side=self.padding_side, pad_to_multiple_of=self.pad_to_multiple_of)
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+        out = collate(rows, padding_side=self.padding_side, pad_to_multiple_of=self.pad_to_multiple_of, pin_memory=pin)
         if self.return_ids:
             out["ids"] = [str(r["id"]) for r in rows]
         return out

@@ -36,6 +36,11 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Attention = Literal["auto", "flash_attention_2", "sdpa", "eager"]
 ZeroStage = Literal[-1, 0, 2]
 Overflow = Literal["reject", "truncate"]
+PixelFormat = Literal["uint8", "float32"]
+
+# preprocess_actors=0 (auto): the training split's pool starts at one actor per training worker and
+# grows to this many per worker while CPUs are free; other splits (evaluation) start at one actor.
+AUTO_ACTORS_PER_WORKER = 2
 OnBadRecord = Literal["fail", "skip"]
 Checkpointing = Literal["auto", "all", "lm", "every_n", "none"]
 
@@ -100,20 +105,32 @@ class DataConfig:
                                             "reason to the run's quarantine and counts it")
     max_pixels: int = _f(64_000_000, "images with more pixels (width × height) are refused before decoding", ge=1)
     max_images_per_turn: int = _f(16, "turns with more images are bad records", ge=1)
-    preprocess_actors: int = _f(1, "Ray Data preprocessing actors per dataset", ge=1)
-    preprocess_max_actors: int = _f(0, "autoscale the actor pool from preprocess_actors up to this many "
-                                       "(0 = a fixed pool)", ge=0)
+    preprocess_actors: int = _f(0, "Ray Data preprocessing actors per dataset; 0 = auto: one per training worker "
+                                   "(evaluation: one), growing to 2 per worker while CPUs are free", ge=0)
+    preprocess_max_actors: int = _f(0, "autoscale the actor pool up to this many (0 = 2 per training worker with "
+                                       "auto actors, else a fixed pool)", ge=0)
     preprocess_cpus: float = _f(0.5, "CPUs per preprocessing actor (fractions are fine)", gt=0)
     preprocess_batch_size: int = _f(4, "records per map_batches call (keep small: an 8-frame record at 16 crops "
                                        "is 180 MB)", ge=1)
+    pixel_format: PixelFormat = _f("uint8", "how rows carry pixels: uint8 HD crops, normalised on the training "
+                                            "device (4× smaller), or the model's float32 pixel_values (the old "
+                                            "layout, for comparison)")
     data_node_resource: str = _f("", "custom resource that marks CPU nodes for preprocessing (empty = anywhere)")
     object_store_memory_limit: int = _f(0, "bytes of object store Ray Data may fill per dataset (0 = Ray's "
                                            "default)", ge=0)
 
-    @property
-    def actor_pool(self) -> tuple[int, int]:
-        """(min, max) preprocessing actors; equal for a fixed pool."""
-        return self.preprocess_actors, max(self.preprocess_actors, self.preprocess_max_actors)
+    def actor_pool(self, num_workers: int = 1, split: str = "train") -> tuple[int, int]:
+        """(min, max) preprocessing actors of one split's dataset fed to num_workers training workers.
+
+        Explicit numbers are taken as they are (equal for a fixed pool). Auto (preprocess_actors=0)
+        sizes the training split to the trainers: one actor per worker, autoscaling up to
+        AUTO_ACTORS_PER_WORKER per worker (or preprocess_max_actors); other splits start at one actor.
+        """
+        workers = max(1, num_workers)
+        if self.preprocess_actors:
+            return self.preprocess_actors, max(self.preprocess_actors, self.preprocess_max_actors)
+        low = workers if split == "train" else 1
+        return low, max(low, self.preprocess_max_actors or AUTO_ACTORS_PER_WORKER * workers)
 
     def value_problems(self) -> list[Problem]:
         """Types, choices and ranges; nothing that looks at this machine's files."""

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .collate import to_device
 from .constants import IGNORE_INDEX
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -86,7 +87,8 @@ def supervised_tokens(batch: dict) -> int:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    """Non-blocking copies of the (pinned, on CUDA) host batch; uint8 crops become pixel_values there."""
+    return to_device(batch, device)
 
 
 class DDPEngine:

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .collate import collate
+from .collate import collate, to_device
 from .constants import END_ID, IGNORE_INDEX
 from .metrics import clean_prediction, summarize
-from .processor import Phi3VProcessor
+from .processor import Phi3VProcessor, crops_per_image
 
 
 @lru_cache(maxsize=4)
@@ -41,14 +41,12 @@ def prompt_row(row: dict, processor: Phi3VProcessor) -> tuple[dict, list[str]]:
             answer_ids.append(int(token))
         answers = [processor.tokenizer.decode(answer_ids, skip_special_tokens=True)]
     sizes = np.asarray(row["image_sizes"]).reshape(-1, 2)
-    return (
-        {
-            "input_ids": prompt,
-            "pixel_values": np.asarray(row["pixel_values"])[:n_images] if n_images else None,
-            "image_sizes": sizes[:n_images] if n_images else None,
-        },
-        answers,
-    )
+    out = {"input_ids": prompt, "image_sizes": sizes[:n_images] if n_images else None}
+    if row.get("pixel_crops") is not None:  # uint8 crops: those of the prompt's images
+        out["pixel_crops"] = np.asarray(row["pixel_crops"])[: sum(crops_per_image(sizes[:n_images]))]
+    else:
+        out["pixel_values"] = np.asarray(row["pixel_values"])[:n_images] if n_images else None
+    return out, answers
 
 
 def _answers(row: dict) -> list[str]:
@@ -67,9 +65,9 @@ def _text(value) -> str:
 @torch.no_grad()
 def generate_answers(model, processor, rows: list[dict], max_new_tokens: int, device, autocast_dtype=None):
     """Greedy answers for a list of prompt rows, plus P(yes) vs P(no) at the first answer token."""
-    batch = collate(rows, padding_side="left")
+    batch = collate(rows, padding_side="left", pin_memory=device.type == "cuda")
     batch.pop("labels")
-    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    batch = to_device(batch, device)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                              output_scores=True, return_dict_in_generate=True)

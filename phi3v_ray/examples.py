@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .constants import IGNORE_INDEX, IMAGE_TAG, image_tag
-from .processor import Phi3VProcessor, check_tags
+from .processor import Phi3VProcessor, check_tags, crops_per_image
 
 ANSWER_SUFFIX = "<|end|>\n<|endoftext|>"  # appended to every answer, supervised
 
@@ -45,8 +45,9 @@ def user_text_with_tags(user: str, first_tag: int, n_images: int) -> str:
 class Example:
     input_ids: np.ndarray  # (T,) int64, −k at image k's placeholder positions
     labels: np.ndarray  # (T,) int64, −100 except on answer tokens
-    pixel_values: np.ndarray  # (n_images, num_crops+1, 3, 336, 336) float32
+    pixel_values: np.ndarray | None  # (n_images, num_crops+1, 3, 336, 336) float32; None with uint8 crops
     image_sizes: np.ndarray  # (n_images, 2) int64
+    pixel_crops: np.ndarray | None = None  # (Σ h·w, 3, 336, 336) uint8 HD crops (build_example(..., crops=True))
 
     @property
     def num_images(self) -> int:
@@ -61,18 +62,22 @@ def build_example(
     max_length: int | None = None,
     overflow: str = "reject",
     system: str | None = None,
+    crops: bool = False,
 ) -> Example:
     """Tokenize every turn, mask prompts, and preprocess the images (given in record order).
 
     overflow: "reject" raises SequenceTooLong; "truncate" drops the earliest whole turns (with their
     images) until the rest fits. Answers are never cut; if the last turn alone is too long it is rejected.
+    crops: carry the images as uint8 HD crops (`pixel_crops`, the Ray Data rows' layout) instead of
+    the model's float pixel_values.
     """
     if overflow not in ("reject", "truncate"):
         raise ValueError(f"overflow must be 'reject' or 'truncate', got {overflow!r}")
     n_total = sum(len(turn.get("images") or []) for turn in conversations)
     if n_total != len(images):
         raise ValueError(f"the conversations name {n_total} images but {len(images)} were given")
-    pixels = processor.image_processor.preprocess(images)
+    image_processor = processor.image_processor
+    pixels = image_processor.hd_crops(images) if crops else image_processor.preprocess(images)
     num_tokens = pixels["num_img_tokens"]
 
     turns = []  # (ids, labels, first image index, n images) per turn
@@ -102,11 +107,18 @@ def build_example(
     labels = [t for turn in kept for t in turn[1]]
     if first_image:  # renumber the placeholders of the images that remain
         ids = [t + first_image if t < 0 else t for t in ids]
+    sizes = pixels["image_sizes"]
+    if crops:
+        first_crop = sum(crops_per_image(sizes[:first_image]))
+        pixel_values, pixel_crops = None, pixels["pixel_crops"][first_crop:]
+    else:
+        pixel_values, pixel_crops = pixels["pixel_values"][first_image:], None
     return Example(
         input_ids=np.asarray(ids, dtype=np.int64),
         labels=np.asarray(labels, dtype=np.int64),
-        pixel_values=pixels["pixel_values"][first_image:],
-        image_sizes=pixels["image_sizes"][first_image:],
+        pixel_values=pixel_values,
+        image_sizes=sizes[first_image:],
+        pixel_crops=pixel_crops,
     )
 
 

@@ -92,7 +92,7 @@ def build_datasets(cfg: TrainConfig, run_dir: str | None = None):
     files = {"val": cfg.data.val_file} if cfg.eval_only else {"train": cfg.data.train_file, "val": cfg.data.val_file}
     for split, path in files.items():
         if path:
-            datasets[split] = build_dataset(cfg.data, paths, [path], split)
+            datasets[split] = build_dataset(cfg.data, paths, [path], split, num_workers=cfg.num_workers)
             counts[split] = _count_lines(Path(paths.work_dir) / f"{split}.manifest.jsonl")
     return datasets, counts["train"], counts["val"]
 

@@ -5,6 +5,18 @@ Light on purpose: Ray Data actors import this module, so it never imports the mo
 `Phi3VImageProcessor` turns PIL images into HD crops; `Phi3VProcessor` splits a prompt on its
 `<|image_k|>` tags, tokenizes every chunk on its own (each starts with BOS) and puts image k's
 placeholder block — the value −k repeated tokens-per-image times — between the chunks.
+
+Two layouts of the same pixels:
+
+    pixel_values  float32 (n_img, num_crops+1, 3, 336, 336)   what the model reads: [global view,
+                  normalised crops…], zero-padded; `preprocess` (generation, evaluation, parity)
+    pixel_crops   uint8   (Σ h·w, 3, 336, 336)                the padded HD image's 336-px crops,
+                  real ones only, image after image, row-major; `hd_crops` (the Ray Data rows: a
+                  16-crop page is 5.4 MB instead of 23 MB)
+
+`pixel_values_from_crops` turns the second into the first with the same float32 torch ops in the
+same order (normalise, bicubic global view), so on the CPU the result is bit-identical to
+`preprocess`; the training worker runs it on its GPU after a uint8 host-to-device copy.
 """
 
 from __future__ import annotations
@@ -71,6 +83,49 @@ class Phi3VImageProcessor:
             padded = padded.transpose(Image.Transpose.TRANSPOSE)
         return padded
 
+    def crops_one(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
+        """One image → (its HD crops (h·w, 3, 336, 336) uint8, row-major, (H, W)): no float work.
+
+        The pixels of `hd_image`, with the white padding and the transpose back done in numpy
+        while cutting the crops (one copy instead of PIL's paste, transpose and array conversion).
+        """
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        transposed = image.width < image.height
+        if transposed:
+            image = image.transpose(Image.Transpose.TRANSPOSE)
+        width, height = image.size
+        new_w = hd_scale(width, height, self.num_crops) * CROP_SIZE
+        new_h = int(new_w / (width / height))
+        target_h = math.ceil(new_h / CROP_SIZE) * CROP_SIZE
+        top = int((target_h - new_h) / 2)
+        canvas = np.full((target_h, new_w, 3), 255, dtype=np.uint8)
+        canvas[top : top + new_h] = np.asarray(image.resize((new_w, new_h), Image.Resampling.BILINEAR))
+        rows, cols = target_h // CROP_SIZE, new_w // CROP_SIZE
+        tiles = canvas.reshape(rows, CROP_SIZE, cols, CROP_SIZE, 3)  # (rows, y, cols, x, 3)
+        if transposed:  # the HD image is canvas transposed: crop (i, j) is tile (j, i), pixel (y, x) is (x, y)
+            crops, size = tiles.transpose(2, 0, 4, 3, 1), (new_w, target_h)  # (cols, rows, 3, x, y)
+        else:
+            crops, size = tiles.transpose(0, 2, 4, 1, 3), (target_h, new_w)  # (rows, cols, 3, y, x)
+        return np.ascontiguousarray(crops).reshape(rows * cols, 3, CROP_SIZE, CROP_SIZE), size
+
+    def hd_crops(self, images: Sequence[Image.Image]) -> dict:
+        """Images → pixel_crops (Σ h·w, 3, 336, 336) uint8, image_sizes (n, 2), num_img_tokens [n].
+
+        The compact layout of the Ray Data rows; `pixel_values_from_crops` makes `preprocess`'s
+        pixel_values from it.
+        """
+        crops, sizes = [], []
+        for image in images:
+            c, size = self.crops_one(image)
+            crops.append(c)
+            sizes.append(size)
+        pixel_crops = np.concatenate(crops) if crops else np.zeros((0, 3, CROP_SIZE, CROP_SIZE), dtype=np.uint8)
+        return {
+            "pixel_crops": pixel_crops,
+            "image_sizes": np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
+            "num_img_tokens": [tokens_per_image(h, w) for h, w in sizes],
+        }
+
     def preprocess_one(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
         """One image → (pixel_values (num_crops+1, 3, 336, 336) float32, (H, W))."""
         hd = self.hd_image(image)
@@ -109,6 +164,45 @@ class Phi3VImageProcessor:
         return out
 
     __call__ = preprocess
+
+
+def crops_per_image(image_sizes) -> list[int]:
+    """HD crops (h·w) of each image, from its padded (H, W)."""
+    return [int(h) // CROP_SIZE * (int(w) // CROP_SIZE) for h, w in np.asarray(image_sizes).reshape(-1, 2).tolist()]
+
+
+def pixel_values_from_crops(
+    pixel_crops: torch.Tensor, image_sizes: torch.Tensor, num_slots: int | None = None
+) -> torch.Tensor:
+    """uint8 HD crops → the model's float32 pixel_values, on the crops' device.
+
+    pixel_crops (Σ h·w, 3, 336, 336) uint8, image_sizes (n_img, 2) → (n_img, num_slots, 3, 336, 336),
+    slot 0 the global view, then the normalised crops, zero-padded. num_slots defaults to the
+    most any image here needs (1 + h·w); the model reads only the slots an image's size names.
+    The float32 ops and their order are `preprocess_one`'s: x / 255, (x − mean) / std, bicubic
+    of the normalised HD image, so on the CPU the result is bit-identical to `preprocess`.
+    """
+    sizes = np.asarray(image_sizes.cpu() if torch.is_tensor(image_sizes) else image_sizes).reshape(-1, 2).tolist()
+    counts = crops_per_image(sizes)
+    if sum(counts) != pixel_crops.shape[0]:
+        raise ValueError(f"image_sizes name {sum(counts)} crops, pixel_crops has {pixel_crops.shape[0]}")
+    slots = 1 + max(counts, default=0) if num_slots is None else num_slots
+    if counts and slots < 1 + max(counts):
+        raise ValueError(f"num_slots {slots} is too few: an image here needs {1 + max(counts)}")
+    device = pixel_crops.device
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=device).reshape(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=device).reshape(3, 1, 1)
+    x = (pixel_crops.to(torch.float32) / 255.0 - mean) / std  # (Σ h·w, 3, 336, 336)
+    out = torch.zeros((len(counts), slots, 3, CROP_SIZE, CROP_SIZE), dtype=torch.float32, device=device)
+    start = 0
+    for i, ((height, width), n) in enumerate(zip(sizes, counts)):
+        h, w = height // CROP_SIZE, width // CROP_SIZE
+        crops = x[start : start + n]  # (h·w, 3, 336, 336)
+        hd = crops.reshape(h, w, 3, CROP_SIZE, CROP_SIZE).permute(2, 0, 3, 1, 4).reshape(1, 3, height, width)
+        out[i, 0] = F.interpolate(hd, size=(CROP_SIZE, CROP_SIZE), mode="bicubic", align_corners=False)[0]
+        out[i, 1 : 1 + n] = crops
+        start += n
+    return out
 
 
 def check_tags(text: str, n_images: int, first: int = 1) -> list[int]:

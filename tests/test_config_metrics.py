@@ -138,7 +138,7 @@ def test_dicts_round_trip_nested_and_flat(tmp_path):
     assert pickle.loads(pickle.dumps(cfg)) == cfg
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(nested))
     assert load_config(str(tmp_path / "cfg.yaml")) == cfg
-    assert cfg.data.actor_pool == (2, 4)
+    assert cfg.data.actor_pool() == cfg.data.actor_pool(num_workers=8) == (2, 4)  # explicit numbers stay
 
 
 def test_from_flat_and_replace_route_data_settings():

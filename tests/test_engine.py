@@ -341,3 +341,22 @@ def test_frozen_vision_runs_under_zero2_by_default_with_the_pinned_losses(tiny_c
     result = _spawn(1, [("fv-zero2", cfg.to_dict(), str(tiny_ckpt), _cuts(samples, 2, 1, 1))], tmp_path)["fv-zero2"]
     assert result["losses"] == pytest.approx(PINNED_LOSSES["frozen_vision"], abs=2e-4), result["losses"]
     assert result["n_frozen"] > 0 and result["frozen_unchanged"]
+
+
+def test_a_step_on_uint8_crops_equals_the_step_on_float_pixel_values(tiny_ckpt, demo_data):
+    """The Ray Data rows' uint8 layout expanded by the engine gives the float batch's loss and update."""
+    processor = Phi3VProcessor.from_pretrained(tiny_ckpt, num_crops=1)
+    rec = json.loads((demo_data / "train.jsonl").read_text().splitlines()[1])
+    turn = rec["conversations"][0]
+    images = [Image.open(demo_data / "images" / p).convert("RGB") for p in turn["images"]]
+    rows = {}
+    for crops in (False, True):
+        ex = build_example(processor, [turn], images, crops=crops)
+        rows[crops] = {"input_ids": ex.input_ids, "labels": ex.labels, "image_sizes": ex.image_sizes,
+                       **({"pixel_crops": ex.pixel_crops} if crops else {"pixel_values": ex.pixel_values})}
+    cfg = _cfg(mode="full")
+    floats = _run(cfg, tiny_ckpt, [[collate([rows[False]])]] * 2)
+    uint8 = _run(cfg, tiny_ckpt, [[collate([rows[True]])]] * 2)
+    assert uint8["losses"] == floats["losses"] and uint8["grad_norms"] == floats["grad_norms"]
+    for name, value in floats["trainable"].items():
+        assert torch.equal(uint8["trainable"][name], value), name

@@ -281,3 +281,77 @@ def test_collate_fn_on_a_numpy_batch(processor, processor2):
         torch.testing.assert_close(out[k], v)
     copy = pickle.loads(pickle.dumps(collate_fn))
     assert type(copy) is Phi3VCollate and (copy.padding_side, copy.return_ids) == ("left", True)
+
+
+def _as_crop_row(ex):
+    return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_crops": ex.pixel_crops, "image_sizes": ex.image_sizes}
+
+
+def _crop_rows(processor, processor2):
+    """`_rows` again with uint8 crops (the Ray Data rows' layout), the same examples otherwise."""
+    def crops(proc, conv, images):
+        return build_example(proc, conv, images, crops=True)
+
+    r0 = crops(processor, [{"images": [], "user": "Which way does the square move?", "assistant": "left"}], [])
+    r1 = crops(processor2, [{"images": ["a"], "user": "What colour is the shape?", "assistant": "green"}], [WIDE])
+    r2 = crops(processor, [{"images": ["a", "b"], "user": "Do both images show the same colour?", "assistant": "yes"}],
+               [SQUARE, WIDE])
+    return [r0, r1, r2]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collate_of_uint8_crops_makes_the_same_batch_on_the_device(processor, processor2, side):
+    from phi3v_ray.collate import to_device
+
+    floats, crops = _rows(processor, processor2), _crop_rows(processor, processor2)
+    for f, c in zip(floats, crops):
+        assert f.pixel_crops is None and c.pixel_values is None
+        np.testing.assert_array_equal(c.input_ids, f.input_ids)
+        np.testing.assert_array_equal(c.labels, f.labels)
+    assert [c.pixel_crops.shape[0] for c in crops] == [0, 2, 2] and crops[1].pixel_crops.dtype == np.uint8
+    before = collate([_as_row(e) for e in floats], padding_side=side)
+    host = collate([_as_crop_row(e) for e in crops], padding_side=side)
+    assert host["pixel_values"] is None and host["pixel_crops"].dtype == torch.uint8
+    assert host["pixel_crops"].shape == (4, 3, 336, 336)  # real crops only: 2 + 1 + 1
+    assert batch_stats(host) == batch_stats(before)
+    after = to_device(host, torch.device("cpu"))
+    assert "pixel_crops" not in after and set(after) == set(before)
+    for k in ("input_ids", "attention_mask", "labels", "image_sizes", "pixel_values"):
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)  # bit for bit, slots and zero padding too
+
+
+def test_collate_copies_pixels_once_and_refuses_mixed_layouts(processor, processor2):
+    crops = _crop_rows(processor, processor2)
+    rows = [_as_crop_row(e) for e in crops]
+    batch = collate(rows)
+    assert not np.shares_memory(batch["pixel_crops"].numpy(), rows[1]["pixel_crops"])
+    np.testing.assert_array_equal(batch["pixel_crops"][:2].numpy(), rows[1]["pixel_crops"])
+    float_row = _as_row(_rows(processor, processor2)[1])
+    with pytest.raises(ValueError, match="mix pixel layouts"):
+        collate([rows[2], float_row])
+    # a truncated example keeps the crops of the images that remain
+    conv = [{"images": ["a"], "user": "one?", "assistant": "a"}, {"images": ["b"], "user": "two?", "assistant": "b"}]
+    full = build_example(processor2, conv, [WIDE, SQUARE], crops=True)
+    cut = build_example(processor2, conv, [WIDE, SQUARE], crops=True, max_length=len(full.input_ids) - 1,
+                        overflow="truncate")
+    assert cut.image_sizes.tolist() == [[336, 336]]
+    np.testing.assert_array_equal(cut.pixel_crops, full.pixel_crops[2:])
+
+
+def test_evaluation_prompts_from_uint8_rows_generate_what_float_rows_do(tiny_ckpt, processor, processor2):
+    """Evaluation reads the pipeline's rows: uint8 crops give the float rows' prompts and answers."""
+    from phi3v_ray.evaluate import generate_answers, prompt_row
+    from phi3v_ray.model import Phi3VForCausalLM
+
+    model = Phi3VForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    conv = [{"images": ["a", "b"], "user": "Same colour?", "assistant": "yes"},
+            {"images": ["c"], "user": "And this one?", "assistant": "no"}]
+    images = [SQUARE, WIDE, SQUARE]
+    floats, crops = (build_example(processor2, conv, images, crops=c) for c in (False, True))
+    float_prompt, answers = prompt_row(_as_row(floats), processor)
+    crop_prompt, crop_answers = prompt_row(_as_crop_row(crops), processor)
+    assert crop_answers == answers and crop_prompt["pixel_crops"].shape[0] == 2 + 1  # the first turn's images only
+    np.testing.assert_array_equal(crop_prompt["input_ids"], float_prompt["input_ids"])
+    a = generate_answers(model, processor, [float_prompt], 4, torch.device("cpu"))
+    b = generate_answers(model, processor, [crop_prompt], 4, torch.device("cpu"))
+    assert a == b

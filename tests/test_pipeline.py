@@ -33,7 +33,7 @@ from datasets_ray.schema import BadRecord, write_jsonl
 from phi3v_ray.collate import Phi3VCollate, collate, iter_train_batches
 from phi3v_ray.config import ConfigError, DataConfig
 from phi3v_ray.examples import build_example
-from phi3v_ray.processor import Phi3VProcessor
+from phi3v_ray.processor import Phi3VProcessor, pixel_values_from_crops
 
 NUM_CROPS = 1  # the tiny checkpoint's budget: (n_img, 2, 3, 336, 336) per row keeps tests light
 MAX_PIXELS = 200 * 200  # demo images are 96×96 and 96×64; the "bomb" is 400×400
@@ -117,8 +117,20 @@ def test_cpu_rules_and_actor_arguments(tmp_path):
     assert kw["num_cpus"] == 0.5 and kw["resources"] == {"data_node": pytest.approx(0.001)}
     assert (kw["compute"].min_size, kw["compute"].max_size) == (1, 2)
     assert kw["fn_constructor_kwargs"] == {"data": s, "paths": DataPaths(processor_dir="ckpt"), "split": "train"}
-    fixed = map_batches_kwargs(DataConfig(preprocess_actors=3), DataPaths(processor_dir="ckpt"))
+    fixed = map_batches_kwargs(DataConfig(preprocess_actors=3), DataPaths(processor_dir="ckpt"), num_workers=8)
     assert (fixed["compute"].min_size, fixed["compute"].max_size) == (3, 3) and "resources" not in fixed
+
+
+def test_auto_actor_pool_follows_the_training_workers():
+    auto = DataConfig(preprocess_cpus=0.5)  # preprocess_actors=0
+    assert auto.actor_pool(8) == (8, 16) and auto.actor_pool(8, "val") == (1, 16)
+    assert auto.actor_pool() == (1, 2) and DataConfig(preprocess_max_actors=20).actor_pool(8) == (8, 20)
+    kw = map_batches_kwargs(auto, DataPaths(processor_dir="ckpt"), num_workers=4)
+    assert (kw["compute"].min_size, kw["compute"].max_size) == (4, 8)
+    assert recommended_ray_init_cpus(4, 1.0, auto) == 9  # 4 workers + 8 × 0.5 actors + 0.25 read
+    check_cpu_budget(6.25, 4, 1.0, auto)  # the first 4 actors must fit: 4 × 0.5 + 0.25
+    with pytest.raises(ConfigError, match="4 preprocessing actor"):
+        check_cpu_budget(6, 4, 1.0, auto)
 
 
 # ------------------------------------------------------------------------------------ rows
@@ -148,17 +160,22 @@ def test_rows_match_processor_with_ragged_images(nine_records, pipe_root, tiny_c
     processor = Phi3VProcessor.from_pretrained(tiny_ckpt, num_crops=NUM_CROPS)
     for row, rec in zip(rows, records):
         ex = expected_example(processor, pipe_root, rec)
-        assert set(row) == {"id", "input_ids", "labels", "pixel_values", "image_sizes", "num_images", "num_tokens",
+        assert set(row) == {"id", "input_ids", "labels", "pixel_crops", "image_sizes", "num_images", "num_tokens",
                             "task", "answers"}
         first_answer = rec["conversations"][0]["assistant"]
         assert json.loads(row["answers"]) == (rec.get("answers") or [first_answer])
         assert row["input_ids"].dtype == np.int64 and row["labels"].dtype == np.int64
         np.testing.assert_array_equal(row["input_ids"], ex.input_ids)
         np.testing.assert_array_equal(row["labels"], ex.labels)
-        assert row["pixel_values"].dtype == np.float32
-        assert row["pixel_values"].shape == (ex.num_images, NUM_CROPS + 1, 3, 336, 336)
-        np.testing.assert_allclose(row["pixel_values"], ex.pixel_values, rtol=0, atol=1e-6)
-        np.testing.assert_array_equal(np.asarray(row["image_sizes"]).reshape(-1, 2), ex.image_sizes)
+        # uint8 crops only (a demo image is one 336-px crop at num_crops 1); the float pixel_values
+        # the model reads come back bit for bit on the device side
+        assert row["pixel_crops"].dtype == np.uint8
+        assert row["pixel_crops"].shape == (ex.num_images, 3, 336, 336)
+        sizes = np.asarray(row["image_sizes"]).reshape(-1, 2)
+        expanded = pixel_values_from_crops(torch.tensor(row["pixel_crops"]), torch.tensor(sizes),
+                                           num_slots=NUM_CROPS + 1)
+        np.testing.assert_array_equal(expanded.numpy(), ex.pixel_values)
+        np.testing.assert_array_equal(sizes, ex.image_sizes)
         assert (row["num_images"], row["num_tokens"]) == (ex.num_images, len(ex.input_ids))
 
     # The same rows as the training worker batches them, in file order (no re-execution: materialized).
@@ -166,9 +183,10 @@ def test_rows_match_processor_with_ragged_images(nine_records, pipe_root, tiny_c
                                       collate_fn=Phi3VCollate(return_ids=True)))
     assert [i for b in batches for i in b["ids"]] == [r["id"] for r in records]
     first = collate(rows[:4])
-    for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes"):
+    for k in ("input_ids", "attention_mask", "labels", "pixel_crops", "image_sizes"):
         torch.testing.assert_close(batches[0][k], first[k], rtol=0, atol=0)
-    assert batches[0]["pixel_values"].shape[0] == 1 + 2 + 8 + 1
+    assert batches[0]["pixel_crops"].shape[0] == batches[0]["image_sizes"].shape[0] == 1 + 2 + 8 + 1
+    assert batches[0]["pixel_values"] is None  # made on the device: phi3v_ray.collate.to_device
 
 
 def test_shuffle_is_seeded_and_resume_skips_batches(nine_records):
@@ -193,8 +211,8 @@ def test_shuffle_is_seeded_and_resume_skips_batches(nine_records):
 def test_streams_through_a_small_object_store(ray_local, pipe_root, tiny_ckpt, tmp_path):
     limit = 24 * 2**20  # just over one 8-frame row (21.7 MB at 1 crop)
     write_jsonl(tmp_path / "train.jsonl", demo_records(pipe_root, 16))
-    s = settings_for(pipe_root, tiny_ckpt, [tmp_path / "train.jsonl"], tmp_path,
-                     object_store_memory_limit=limit, preprocess_batch_size=1)
+    s = settings_for(pipe_root, tiny_ckpt, [tmp_path / "train.jsonl"], tmp_path, pixel_format="float32",
+                     object_store_memory_limit=limit, preprocess_batch_size=1)  # float32: the bulkier layout
     ds = build_dataset(*s)
     assert ds.context.execution_options.resource_limits.object_store_memory == limit
     rows = images = pixel_bytes = 0

@@ -7,7 +7,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from phi3v_ray.constants import CLIP_MEAN, CLIP_STD
-from phi3v_ray.processor import Phi3VImageProcessor, Phi3VProcessor, check_tags, hd_scale, tokens_per_image
+from phi3v_ray.processor import (
+    Phi3VImageProcessor,
+    Phi3VProcessor,
+    check_tags,
+    crops_per_image,
+    hd_scale,
+    pixel_values_from_crops,
+    tokens_per_image,
+)
 
 CROP = 336
 MEAN = torch.tensor(CLIP_MEAN).reshape(3, 1, 1)
@@ -234,3 +242,43 @@ def test_decode_stops_at_stop_tokens(processor):
     ids = processor.tokenizer("red", add_special_tokens=False)["input_ids"]
     assert processor.decode(ids + [32007, 201, 32000] + ids) == "red"
     assert processor.decode(ids + [32000] + ids) == "red"
+
+
+# ------------------------------------------------------------------ the uint8 layout of the Ray Data rows
+SHAPES = [((1700, 2200), 16), ((2200, 1700), 16), ((320, 240), 4), ((1000, 200), 16), ((200, 1000), 16),
+          ((336, 336), 1), ((640, 480), 7), ((97, 1301), 9)]
+
+
+@pytest.mark.parametrize("size, num_crops", SHAPES, ids=[f"{w}x{h}@{n}" for (w, h), n in SHAPES])
+def test_uint8_crops_expand_to_the_float_path_bit_for_bit(size, num_crops):
+    rng = np.random.default_rng(num_crops)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    proc = Phi3VImageProcessor(num_crops)
+    ref = proc.preprocess([image])
+    out = proc.hd_crops([image])
+    np.testing.assert_array_equal(out["image_sizes"], ref["image_sizes"])
+    assert out["num_img_tokens"] == ref["num_img_tokens"]
+    crops = out["pixel_crops"]
+    assert crops.dtype == np.uint8 and crops.shape == (crops_per_image(out["image_sizes"])[0], 3, CROP, CROP)
+    assert crops.nbytes * 4 * (num_crops + 1) / crops.shape[0] == ref["pixel_values"].nbytes  # only real crops travel
+    full = pixel_values_from_crops(torch.from_numpy(crops), torch.from_numpy(out["image_sizes"]), num_slots=num_crops + 1)
+    assert full.dtype == torch.float32
+    np.testing.assert_array_equal(full.numpy(), ref["pixel_values"])  # same float32 ops, same order: identical
+    tight = pixel_values_from_crops(torch.from_numpy(crops), torch.from_numpy(out["image_sizes"]))
+    assert tight.shape[1] == 1 + crops.shape[0]  # default: as many slots as the image needs
+    np.testing.assert_array_equal(tight.numpy(), ref["pixel_values"][:, : tight.shape[1]])
+
+
+def test_uint8_crops_of_several_images_and_non_rgb():
+    images = [Image.new("L", (320, 240), 77), Image.new("RGBA", (200, 1000), (1, 2, 3, 255)), Image.new("RGB", (336, 336))]
+    proc = Phi3VImageProcessor(16)
+    ref = proc.preprocess(images)
+    out = proc.hd_crops(images)
+    assert crops_per_image(out["image_sizes"]) == [12, 16, 16] and out["pixel_crops"].shape[0] == 44
+    full = pixel_values_from_crops(torch.from_numpy(out["pixel_crops"]), torch.from_numpy(out["image_sizes"]), 17)
+    np.testing.assert_array_equal(full.numpy(), ref["pixel_values"])
+    assert proc.hd_crops([])["pixel_crops"].shape == (0, 3, CROP, CROP)
+    with pytest.raises(ValueError, match="image_sizes name 44 crops, pixel_crops has 43"):
+        pixel_values_from_crops(torch.from_numpy(out["pixel_crops"][:-1]), torch.from_numpy(out["image_sizes"]))
+    with pytest.raises(ValueError, match="num_slots 5 is too few"):
+        pixel_values_from_crops(torch.from_numpy(out["pixel_crops"]), torch.from_numpy(out["image_sizes"]), 5)

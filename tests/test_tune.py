@@ -110,7 +110,7 @@ def test_a_bad_space_lists_every_problem(tmp_path):
 
 
 def test_concurrency_follows_what_one_trial_asks_for_and_what_the_nodes_hold():
-    cpu = TrainConfig.from_flat(num_workers=1, cpus_per_worker=1, preprocess_cpus=0.5)
+    cpu = TrainConfig.from_flat(num_workers=1, cpus_per_worker=1, preprocess_cpus=0.5, preprocess_actors=1)
     # 1 CPU worker + 0.5 preprocessing + 0.25 read + 0.01 driver = 1.76 CPUs per trial.
     assert max_concurrent_trials([cpu], [{"CPU": 4}], limit=10) == 2
     assert max_concurrent_trials([cpu], [{"CPU": 4}], limit=1) == 1
@@ -128,6 +128,8 @@ def test_concurrency_follows_what_one_trial_asks_for_and_what_the_nodes_hold():
     assert max_concurrent_trials([pooled], [{"CPU": 32, "h100_pool": 3}], limit=64) == 1
     autoscaled = cpu.replace(preprocess_actors=1, preprocess_max_actors=3, data_node_resource="data_node")
     assert trial_bundles(autoscaled)[1:4] == [{"CPU": 0.5, "data_node": 0.001}] * 3  # room for the largest pool
+    auto = TrainConfig.from_flat(num_workers=2, preprocess_cpus=0.5, val_file="v.jsonl")  # preprocess_actors=0
+    assert trial_bundles(auto).count({"CPU": 0.5}) == 4 + 4  # train and val pools each grow to 2 per worker
 
 
 def test_every_candidate_value_is_checked_against_the_trainers_validation():

@@ -157,8 +157,9 @@ def trial_bundles(cfg: TrainConfig) -> list[dict[str, float]]:
     """Everything one trial holds while it trains: workers, preprocessing actors, a read task, its driver."""
     worker = cfg.worker_resources()
     pinned = {cfg.data.data_node_resource: 0.001} if cfg.data.data_node_resource else {}
-    datasets = 2 if cfg.data.val_file else 1  # train and val each run their own actor pool
-    data = [{"CPU": cfg.data.preprocess_cpus, **pinned}] * (cfg.data.actor_pool[1] * datasets)
+    splits = ["train", "val"] if cfg.data.val_file else ["train"]  # each runs its own actor pool
+    actors = sum(cfg.data.actor_pool(cfg.num_workers, split)[1] for split in splits)
+    data = [{"CPU": cfg.data.preprocess_cpus, **pinned}] * actors
     return [worker] * cfg.num_workers + data + [{"CPU": READ_NUM_CPUS, **pinned}, {"CPU": TRIAL_CPU}]
 
 
