@@ -16,6 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import TrainConfig
+from .failures import StopOnDeterministicFailure
+from .lease import RunInUse, RunLease
 from .train import Plan, train_loop_per_worker
 
 LOCAL_MIN_CPUS = 4  # logical CPUs for a local Ray: training workers must leave slots for Ray Data
@@ -47,7 +49,7 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
             print(f"[phi3v-ray] writing a tiny random checkpoint to {path}", flush=True)
             write_tiny_checkpoint(path, seed=0, num_crops=cfg.data.num_crops)
         changes["checkpoint"] = str(path)
-    if not (cfg.data.train_file or cfg.data.val_file or cfg.data.images_root) and cfg.name == "phi3v-demo":
+    if not (cfg.data.train_file or cfg.data.val_file or cfg.data.images_root):  # any run name gets the demo data
         from datasets_ray.demo import make_demo_dataset
 
         data = root / "demo-data"
@@ -126,7 +128,7 @@ def make_trainer(cfg: TrainConfig, plan: Plan, datasets: dict, callbacks=None):
             storage_path=cfg.resolved_storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=callbacks,
+            callbacks=[StopOnDeterministicFailure(), *(callbacks or [])],
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[d for d in ("train",) if d in datasets],
@@ -171,11 +173,18 @@ def run_training(cfg: TrainConfig, callbacks=None, start_ray: bool = True):
         ensure_ray()
     check_cluster_fits(cfg)  # before building datasets: a starved Ray Data would wait forever
     t0 = time.perf_counter()
-    datasets, n_train, n_val = build_datasets(cfg)
-    plan = plan_run(cfg, n_train, n_val)
-    print(f"[phi3v-ray] run {cfg.name}: {n_train} train / {n_val} val records, {cfg.num_workers} workers, "
-          f"{plan.total_steps} steps; results in {plan.run_dir}", flush=True)
-    result = make_trainer(cfg, plan, datasets, callbacks).fit()
+    # One writer per run directory, from the first file written (the data manifests) to the last.
+    lease = RunLease(cfg.run_dir, stale_after_s=cfg.lease_stale_s).acquire()
+    try:
+        datasets, n_train, n_val = build_datasets(cfg)
+        plan = plan_run(cfg, n_train, n_val)
+        print(f"[phi3v-ray] run {cfg.name}: {n_train} train / {n_val} val records, {cfg.num_workers} workers, "
+              f"{plan.total_steps} steps; results in {plan.run_dir}", flush=True)
+        result = make_trainer(cfg, plan, datasets, callbacks).fit()
+    finally:
+        lease.release()
+    if lease.lost:
+        raise RunInUse(f"run {cfg.name}: {lease.lost} while this run trained; its files may mix both runs")
     elapsed = time.perf_counter() - t0
     summary = summarize_run(plan.run_dir, elapsed)
     if summary:

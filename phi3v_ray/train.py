@@ -23,10 +23,11 @@ import torch.distributed as dist
 
 from datasets_ray.schema import BadRecord
 
-from .checkpointing import STATE_FILE, TrainState, read_checkpoint, write_checkpoint
+from .checkpointing import STATE_FILE, CheckpointCorrupt, TrainState, read_checkpoint, verify_checkpoint, write_checkpoint
 from .collate import batch_stats, iter_train_batches
 from .config import TrainConfig
 from .engine import DTYPES, build_engine, load_trainable_weights, train_step
+from .failures import DeterministicFailure
 from .hardware import HardwareChoice, detect_gpu, log_choice, resolve_hardware
 from .modes import LoraSettings, Mode, apply_mode, cast_trainable_to_fp32, count_parameters, enable_gradient_checkpointing
 from .tracking import MetricLogger, say
@@ -112,12 +113,56 @@ def train_loop_per_worker(loop_config: dict) -> None:
         recipe.resume()
         recipe.train()
     except Exception as err:
-        bad = _cause_of_type(err, BadRecord)
-        if bad is not None:  # Ray truncates worker errors on the driver: the file, line and reason must survive
-            say(f"stopped on a bad record: {bad}")
+        # Ray truncates worker errors on the driver, and would retry them: a failure no retry can fix
+        # becomes a DeterministicFailure carrying the file, line/record and reason (see failures.py).
+        bad = _cause_of_type(err, BadRecord) or _cause_of_type(err, CheckpointCorrupt)
+        if bad is not None and _cause_of_type(err, DeterministicFailure) is None:
+            kind = "bad record" if isinstance(bad, BadRecord) else "corrupt checkpoint"
+            say(f"stopped on a {kind}: {bad}")
+            raise DeterministicFailure(f"{kind}: {bad}") from err
         raise
     finally:
         recipe.cleanup()
+
+
+def choose_checkpoint(run_dir: str) -> str:
+    """The newest checkpoint directory of the run that passes verification ("" when the run has none).
+
+    Every `checkpoint_*` directory counts, also one finished after a driver was killed and so never
+    registered with Ray. A bad or incomplete one is skipped with a line naming it and why; when some
+    exist and none verifies, CheckpointCorrupt (a deterministic failure: no retry can fix it).
+    """
+    from .storage import checkpoint_at, list_checkpoints
+
+    skipped = []
+    for path in list_checkpoints(run_dir):
+        with checkpoint_at(path).as_directory() as directory:
+            problems = verify_checkpoint(Path(directory))
+        if not problems:
+            if skipped:
+                say(f"resuming from the newest good checkpoint {path}")
+            return path
+        skipped.append(f"{path}: {'; '.join(problems)}")
+        say(f"skipping checkpoint {path}: " + "; ".join(problems))
+    if skipped:
+        raise CheckpointCorrupt(f"no checkpoint of {run_dir} passes verification: " + " | ".join(skipped)
+                                + ". Delete the damaged checkpoint directories to start over, or use another name.")
+    return ""
+
+
+def _broadcast_text(text: str, worker: Worker) -> str:
+    """Rank 0's string on every rank (bytes in a tensor: no pickling)."""
+    if worker.world_size == 1 or not dist.is_initialized():
+        return text
+    device = worker.device if worker.device.type == "cuda" else torch.device("cpu")
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    buf = torch.zeros(int(size), dtype=torch.uint8, device=device)
+    if worker.rank == 0:
+        buf.copy_(data)
+    dist.broadcast(buf, src=0)
+    return bytes(buf.cpu().tolist()).decode()
 
 
 def _cause_of_type(err: BaseException, kind: type) -> BaseException | None:
@@ -141,6 +186,9 @@ def evaluate_checkpoint(cfg: TrainConfig, plan: Plan, worker: Worker) -> dict:
     step = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
+            problems = verify_checkpoint(Path(directory))
+            if problems:
+                raise DeterministicFailure(f"corrupt checkpoint {checkpoint.path}: " + "; ".join(problems))
             load_trainable_weights(model, Path(directory))
             step = json.loads((Path(directory) / STATE_FILE).read_text())["state"]["step"]
     scores = _evaluate(model, cfg, plan, worker, step=step, tag="eval")
@@ -194,17 +242,19 @@ class Recipe:
 
     # -- resume
     def resume(self) -> None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        """Restore from the newest checkpoint of the run that verifies; skipped ones are named with the reason."""
+        chosen = _broadcast_text(choose_checkpoint(self.plan.run_dir) if self.worker.rank == 0 else "",
+                                 self.worker)
+        if not chosen:
             return
-        with checkpoint.as_directory() as directory:
+        from .storage import checkpoint_at
+
+        with checkpoint_at(chosen).as_directory() as directory:
             self.state, self.history = read_checkpoint(Path(directory), self.engine, self.worker.rank)
         self.state.resumed_at.append(self.state.step)
         if self.worker.rank == 0:
             s = self.state
-            say(f"resumed at step {s.step} (epoch {s.epoch}, batch {s.batch_in_epoch})")
+            say(f"resumed at step {s.step} (epoch {s.epoch}, batch {s.batch_in_epoch}) from {chosen}")
 
     # -- train
     def train(self) -> None:
