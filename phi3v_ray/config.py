@@ -97,6 +97,8 @@ class DataConfig:
                                       "turns are dropped (truncate)")
     on_bad_record: OnBadRecord = _f("fail", "fail raises naming the record's file and line; skip writes it with its "
                                             "reason to the run's quarantine and counts it")
+    max_bad_fraction: float = _f(0.1, "skip mode: the run fails when more than this fraction of a split's records was "
+                                      "dropped (validation and decode together)", ge=0, le=1)
     max_pixels: int = _f(64_000_000, "images with more pixels (width × height) are refused before decoding", ge=1)
     max_images_per_turn: int = _f(16, "turns with more images are bad records", ge=1)
     preprocess_actors: int = _f(1, "Ray Data preprocessing actors per dataset", ge=1)

@@ -104,6 +104,43 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
+def _quarantine_dir(cfg: TrainConfig) -> Path:
+    local = Path(cfg.run_dir) if "://" not in cfg.run_dir else Path("runs").resolve() / cfg.name
+    return local / "quarantine"
+
+
+def check_dropped(cfg: TrainConfig, good: dict[str, int], after_training: bool) -> dict[str, int]:
+    """Count every dropped record (validation and decode), record the counts, fail above max_bad_fraction.
+
+    Before training only validation drops are known; after it, decode drops too. The counts go to
+    the console, `artifacts/dropped.json` and a row of metrics.jsonl.
+    """
+    from datasets_ray.pipeline import quarantine_report
+
+    from .failures import DeterministicFailure
+    from .storage import append_text, write_text
+
+    qdir = _quarantine_dir(cfg)
+    report = quarantine_report(qdir) if qdir.is_dir() else {}
+    if not report:
+        return report
+    print("[phi3v-ray] dropped records: " + ", ".join(f"{k} {v}" for k, v in sorted(report.items()))
+          + f" (listed in {qdir})", flush=True)
+    if after_training:
+        write_text(f"{cfg.run_dir}/artifacts/dropped.json", json.dumps(report, indent=1))
+        append_text(f"{cfg.run_dir}/artifacts/metrics.jsonl",
+                    json.dumps({"step": -1, **{f"dropped/{k}": v for k, v in report.items()}}) + "\n")
+    for split, n_good in good.items():
+        validated = report.get(f"{split}.validate", 0)
+        dropped = validated + report.get(f"{split}.decode", 0)
+        total = n_good + validated
+        if total and dropped / total > cfg.data.max_bad_fraction:
+            raise DeterministicFailure(
+                f"{qdir}: {dropped} of {total} {split} records were dropped ({dropped / total:.0%}), more than "
+                f"max_bad_fraction={cfg.data.max_bad_fraction}; the reasons are in the quarantine files there")
+    return report
+
+
 def make_trainer(cfg: TrainConfig, plan: Plan, datasets: dict, callbacks=None):
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -180,7 +217,9 @@ def run_training(cfg: TrainConfig, callbacks=None, start_ray: bool = True):
         plan = plan_run(cfg, n_train, n_val)
         print(f"[phi3v-ray] run {cfg.name}: {n_train} train / {n_val} val records, {cfg.num_workers} workers, "
               f"{plan.total_steps} steps; results in {plan.run_dir}", flush=True)
+        check_dropped(cfg, {"train": n_train, "val": n_val}, after_training=False)
         result = make_trainer(cfg, plan, datasets, callbacks).fit()
+        check_dropped(cfg, {"train": n_train, "val": n_val}, after_training=True)
     finally:
         lease.release()
     if lease.lost:

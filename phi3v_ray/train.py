@@ -279,7 +279,13 @@ class Recipe:
                 if epoch_ends:
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 stepped = True
-                done = state.step >= self.plan.total_steps
+                # The last epoch's last step ends the run even before the planned step count: records
+                # dropped while decoding shorten the data, and the run must still end with its final
+                # checkpoint, weights and evaluation.
+                done = state.step >= self.plan.total_steps or state.epoch >= cfg.epochs
+                if done and state.step < self.plan.total_steps and self.worker.rank == 0:
+                    say(f"the training data ran out at step {state.step} of the {self.plan.total_steps} planned "
+                        f"(records dropped while decoding): this is the final step")
                 self._after_step(window, out, done)
                 after_step(state.step)
                 if done:
