@@ -202,15 +202,13 @@ def weights_only_loads():
     Allows the few non-tensor types DeepSpeed ZeRO-2 writes into its checkpoint; anything else (a
     `__reduce__` that runs a command) is refused with an UnpicklingError.
     """
-    import argparse
-    import collections
-
-    allowed = [argparse.Namespace, collections.OrderedDict, torch.Size]
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+    allowed = []
+    try:  # what ZeRO-2 pickles besides tensors and builtins (torch.serialization.get_unsafe_globals_in_checkpoint)
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
 
-        allowed += [LossScaler, DynamicLossScaler, fragment_address]
+        allowed += [LossScaler, DynamicLossScaler, fragment_address, ZeroStageEnum]
     except ImportError:
         pass
     before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")

@@ -13,6 +13,7 @@ evaluation and each checkpoint, decided from numbers all ranks share.
 from __future__ import annotations
 
 import json
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass
@@ -250,7 +251,11 @@ class Recipe:
         from .storage import checkpoint_at
 
         with checkpoint_at(chosen).as_directory() as directory:
-            self.state, self.history = read_checkpoint(Path(directory), self.engine, self.worker.rank)
+            try:
+                self.state, self.history = read_checkpoint(Path(directory), self.engine, self.worker.rank)
+            except pickle.UnpicklingError as err:  # weights-only loading met a type it does not allow
+                raise CheckpointCorrupt(f"{chosen}: refused to unpickle a checkpoint file that holds more than "
+                                        f"tensors and plain data (crafted or foreign): {str(err).splitlines()[0]}") from err
         self.state.resumed_at.append(self.state.step)
         if self.worker.rank == 0:
             s = self.state

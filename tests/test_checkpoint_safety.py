@@ -129,7 +129,7 @@ def test_ddp_resume_refuses_a_crafted_pickle(tiny_ckpt, demo_data, tmp_path):
 
 @pytest.mark.slow
 def test_deepspeed_resume_loads_without_pickle_and_refuses_a_crafted_one(tiny_ckpt, demo_data, tmp_path):
-    victim = "deepspeed/deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    victim = "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"
     args = (_cfg(zero_stage=2).to_dict(), str(tiny_ckpt), _batch(tiny_ckpt, demo_data), str(tmp_path), victim)
     mp.start_processes(_one_rank_main, args=(_free_port(), args), nprocs=1, join=True, start_method="spawn")
     result = json.loads((tmp_path / "result.json").read_text())
