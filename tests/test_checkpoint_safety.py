@@ -206,3 +206,45 @@ def test_export_refuses_a_checkpoint_that_fails_verification(checkpoint, tmp_pat
     with pytest.raises(Exception, match="model.safetensors: SHA-256"):
         export(tmp_path / "out", checkpoint=str(checkpoint))
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_names_it(checkpoint, tmp_path, capfd):
+    import shutil
+
+    from phi3v_ray.checkpointing import CheckpointCorrupt
+    from phi3v_ray.train import choose_checkpoint
+
+    run = tmp_path / "run"
+    names = [f"checkpoint_2026-01-01_00-00-0{i}.000000" for i in (1, 2, 3)]
+    for name in names:
+        shutil.copytree(checkpoint, run / name)
+    os.truncate(run / names[2] / "optimizer.pt", 10)  # the newest: a half-written optimizer file
+    (run / names[1] / "manifest_rank0.json").unlink()  # the one before: never finished
+    assert choose_checkpoint(str(run)) == str(run / names[0])
+    out = capfd.readouterr().out  # `say` writes to the process's stdout
+    assert f"skipping checkpoint {run / names[2]}: {run / names[2] / 'optimizer.pt'}: 10 bytes" in out
+    assert f"skipping checkpoint {run / names[1]}" in out and "no manifest" in out
+    assert f"resuming from the newest good checkpoint {run / names[0]}" in out
+
+    os.truncate(run / names[0] / "trainable.safetensors", 10)
+    with pytest.raises(CheckpointCorrupt, match="no checkpoint of .* passes verification") as err:
+        choose_checkpoint(str(run))
+    assert all(name in str(err.value) for name in names)
+    assert choose_checkpoint(str(tmp_path / "fresh")) == ""  # a new run: nothing to resume
+
+
+def test_a_deterministic_failure_is_found_in_rays_wrapping():
+    from phi3v_ray.failures import DeterministicFailure, deterministic_message
+
+    inner = DeterministicFailure("bad record: data/train.jsonl:7 (id=r7): image 'x.png' cannot be decoded")
+    wrapped = RuntimeError(f"Training failed due to controller error:\nWorker 1 raised:\n{inner}\nTraceback ...")
+    assert deterministic_message(wrapped) == "bad record: data/train.jsonl:7 (id=r7): image 'x.png' cannot be decoded"
+    assert deterministic_message(RuntimeError("gloo connection reset")) is None
+
+
+def test_demo_data_is_made_for_any_run_name(tmp_path):
+    from phi3v_ray.config import load_config
+    from phi3v_ray.launch import resolve_defaults
+
+    cfg = resolve_defaults(load_config("demo", [f"storage_path={tmp_path}", "name=my-demo"]))
+    assert Path(cfg.data.train_file).is_file() and Path(cfg.data.train_file).parent == tmp_path / "demo-data"
