@@ -60,13 +60,18 @@ class Drills:
                 f"storage_path={self.store}", *COMMON, *overrides]
         env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TRAIN_V2_ENABLED": "1", **(extra_env or {})}
         env.pop("RAY_ADDRESS", None)
-        out = open(self.work / f"{log or name}.log", "w")
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        if not wait:
-            return proc
-        rc = proc.wait()
-        out.close()
-        return rc, (self.work / f"{log or name}.log").read_text()
+        for _ in range(3):  # on an overloaded machine a local Ray can time out while starting: not a drill result
+            out = open(self.work / f"{log or name}.log", "w")
+            proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            if not wait:
+                return proc
+            rc = proc.wait()
+            out.close()
+            text = (self.work / f"{log or name}.log").read_text()
+            if "timed out during startup" not in text:
+                break
+        return rc, text
 
     @staticmethod
     def last_line(text: str) -> str:
