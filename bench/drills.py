@@ -82,7 +82,11 @@ class Drills:
         return self.store / name
 
     def checkpoints(self, name: str) -> list[Path]:
-        return sorted(self.run_dir(name).glob("checkpoint_*"))
+        return sorted(p for p in self.run_dir(name).glob("checkpoint_*") if p.is_dir())  # not Ray's snapshot file
+
+    def fresh(self, *names: str) -> None:
+        for name in names:
+            shutil.rmtree(self.run_dir(name), ignore_errors=True)
 
     def step_of(self, ckpt: Path) -> int | None:
         try:
@@ -119,7 +123,9 @@ class Drills:
 
     def interrupted(self, name: str, *overrides: str) -> None:
         """Train until step 7 (worker 0 exits, no retries): checkpoints 3 and 6 on disk."""
+        self.fresh(name)
         marker = self.work / f"{name}.stopped"
+        marker.unlink(missing_ok=True)
         rc, _ = self.cli(name, f"fault_injection=0:7:{marker}", "max_failures=0", *overrides, log=f"{name}.first")
         assert rc != 0 and marker.is_file(), f"{name}: the interrupted run did not stop at step 7"
 
@@ -128,17 +134,22 @@ class Drills:
 
     # ------------------------------------------------------------------ the drills
     def straight(self) -> dict:
-        rc, _ = self.cli("straight")
+        rc = 0
+        if self.final("straight") is None:  # a finished baseline in --work is reused
+            self.fresh("straight")
+            rc, _ = self.cli("straight")
         final = self.final("straight")
         self.baseline = {"losses": self.losses("straight"), "final": final}
         return {"rc": rc, "steps": len(self.baseline["losses"]), "final_checkpoint": final is not None}
 
     def killed_worker(self) -> dict:
+        self.fresh("killed_worker")
         marker = self.work / "killed_worker.marker"
         rc, log = self.cli("killed_worker", f"fault_injection=1:7:{marker}", "max_failures=1")
         return {"rc": rc, "killed": marker.is_file(), "resumed": self.resumed_from(log), **self.compare("killed_worker")}
 
     def killed_driver(self) -> dict:
+        self.fresh("killed_driver")
         proc = self.cli("killed_driver", log="killed_driver.first", wait=False)
         deadline = time.time() + 900
         while time.time() < deadline and not any(self.step_of(c) == 6 for c in self.checkpoints("killed_driver")):
@@ -214,6 +225,7 @@ class Drills:
         return data
 
     def skip_decode_drops(self) -> dict:
+        self.fresh("skip_decode_drops", "skip_decode_strict")
         data = self._broken_images_data()
         files = [f"train_file={data / 'train.jsonl'}", f"val_file={data / 'test.jsonl'}", f"images_root={data / 'images'}"]
         rc, log = self.cli("skip_decode_drops", "on_bad_record=skip", *files, "max_steps=0", "epochs=1")
@@ -228,6 +240,7 @@ class Drills:
                 "strict_rc": rc_strict, "strict_last_line": self.last_line(log_strict)[:300]}
 
     def bad_record_fail(self) -> dict:
+        self.fresh("bad_record_fail")
         data = self._broken_images_data()
         t0 = time.time()
         rc, log = self.cli("bad_record_fail", f"train_file={data / 'train.jsonl'}", f"val_file={data / 'test.jsonl'}",
@@ -254,6 +267,7 @@ class Drills:
         return data
 
     def _text_only(self, name: str, *overrides: str) -> dict:
+        self.fresh(name)
         data = self._text_only_data()
         rc, log = self.cli(name, f"train_file={data / 'train.jsonl'}", f"val_file={data / 'test.jsonl'}",
                            f"images_root={data / 'images'}", "max_failures=0", "micro_batch=1", *overrides)
@@ -267,6 +281,7 @@ class Drills:
         return self._text_only("text_only_zero2", "zero_stage=2")
 
     def same_name_twice(self) -> dict:
+        self.fresh("same_name")
         first = self.cli("same_name", log="same_name.first", wait=False)
         lease = self.run_dir("same_name") / ".lease"
         deadline = time.time() + 300

@@ -84,7 +84,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         return torch.stack(rows, dim=0)
 
     def _touch_vision_tower(self, embeds: torch.Tensor) -> torch.Tensor:
-        """A text-only batch in training still runs the vision tower (on one blank crop) and adds 0 × its output.
+        """A text-only batch with gradients on still runs the vision tower (on one blank crop) and adds 0 × its output.
 
         Under DDP every rank must produce gradients for the same parameters in the same order, and ZeRO-2
         reduces in buckets too: if one rank's batch has no image while another's has, the ranks' gradient
@@ -92,7 +92,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         parameters a (zero) gradient on every rank, every micro-batch.
         """
         tower = self.vision_embed_tokens
-        if not (self.training and any(p.requires_grad for p in tower.parameters())):
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())):  # not in eval/generation
             return embeds
         size = CROP_SIZE
         blank = torch.zeros(1, 2, 3, size, size, dtype=embeds.dtype, device=embeds.device)  # (1 image, global + 1 crop, 3, H, W)
