@@ -171,13 +171,14 @@ class Drills:
                 f.write(os.urandom(4096))
         else:
             os.truncate(path, size // 2)
-        rc, log = self.cli(name)
-        skipped = [line for line in log.splitlines() if "skipping checkpoint" in line]
-        export_out = self.work / f"{name}.export"
+        export_out = self.work / f"{name}.export"  # before the rerun: Ray's rotation may delete the damaged one
         exp = subprocess.run([sys.executable, "-m", "phi3v_ray.cli", "export", "--checkpoint", str(newest), "--out",
                               str(export_out)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                              capture_output=True, text=True)
-        return {"rc": rc, "damaged": f"{newest.name}/{victim} (step {self.step_of(newest)})",
+        damaged = f"{newest.name}/{victim} (step {self.step_of(newest)})"
+        rc, log = self.cli(name)
+        skipped = [line for line in log.splitlines() if "skipping checkpoint" in line]
+        return {"rc": rc, "damaged": damaged,
                 "skipped_line": skipped[0][:300] if skipped else "", "resumed": self.resumed_from(log),
                 "export_of_damaged_refused": exp.returncode != 0 and not export_out.exists(),
                 "export_error": self.last_line(exp.stderr)[-300:], **self.compare(name)}
