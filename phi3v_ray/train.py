@@ -116,11 +116,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     except Exception as err:
         # Ray truncates worker errors on the driver, and would retry them: a failure no retry can fix
         # becomes a DeterministicFailure carrying the file, line/record and reason (see failures.py).
-        bad = _cause_of_type(err, BadRecord) or _cause_of_type(err, CheckpointCorrupt)
-        if bad is not None and _cause_of_type(err, DeterministicFailure) is None:
-            kind = "bad record" if isinstance(bad, BadRecord) else "corrupt checkpoint"
-            say(f"stopped on a {kind}: {bad}")
-            raise DeterministicFailure(f"{kind}: {bad}") from err
+        if _cause_of_type(err, DeterministicFailure) is None:
+            kind, bad = _deterministic_cause(err)
+            if bad is not None:
+                say(f"stopped on a {kind}: {bad}")
+                raise DeterministicFailure(f"{kind}: {bad}") from err
         raise
     finally:
         recipe.cleanup()
@@ -164,6 +164,26 @@ def _broadcast_text(text: str, worker: Worker) -> str:
         buf.copy_(data)
     dist.broadcast(buf, src=0)
     return bytes(buf.cpu().tolist()).decode()
+
+
+def _deterministic_cause(err: BaseException) -> tuple[str, str | None]:
+    """("bad record" | "corrupt checkpoint", its message) when no retry can fix err, else ("", None).
+
+    A bad record raised in a Ray Data actor reaches the worker as a RayTaskError whose cause chain
+    holds only text: the remote traceback's `BadRecord: <file>:<line> (id=...): <reason>` line.
+    """
+    import traceback
+
+    for kind, cls in (("bad record", BadRecord), ("corrupt checkpoint", CheckpointCorrupt)):
+        found = _cause_of_type(err, cls)
+        if found is not None:
+            return kind, str(found)
+    text = "".join(traceback.format_exception(err))
+    for kind, cls in (("bad record", BadRecord), ("corrupt checkpoint", CheckpointCorrupt)):
+        at = text.rfind(f"{cls.__name__}: ")
+        if at >= 0:
+            return kind, text[at + len(cls.__name__) + 2:].splitlines()[0].strip()
+    return "", None
 
 
 def _cause_of_type(err: BaseException, kind: type) -> BaseException | None:

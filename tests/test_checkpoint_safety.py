@@ -248,3 +248,13 @@ def test_demo_data_is_made_for_any_run_name(tmp_path):
 
     cfg = resolve_defaults(load_config("demo", [f"storage_path={tmp_path}", "name=my-demo"]))
     assert Path(cfg.data.train_file).is_file() and Path(cfg.data.train_file).parent == tmp_path / "demo-data"
+
+
+def test_a_bad_record_behind_rays_wrapping_is_deterministic():
+    from phi3v_ray.train import _deterministic_cause
+
+    remote = ("ray.exceptions.RayTaskError(UserCodeException): ray::MapWorker.submit() ...\n"
+              "datasets_ray.schema.BadRecord: data/train.jsonl:1 (id=r1): image 'a.png' cannot be decoded (x)\n")
+    assert _deterministic_cause(RuntimeError(remote)) == (
+        "bad record", "data/train.jsonl:1 (id=r1): image 'a.png' cannot be decoded (x)")
+    assert _deterministic_cause(RuntimeError("gloo: connection reset by peer")) == ("", None)
