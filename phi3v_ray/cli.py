@@ -46,6 +46,9 @@ def _train(args) -> int:
         message = deterministic_message(err)
         if message is None:
             raise
+        import ray
+
+        ray.shutdown()  # no worker log lines forwarded after ours: the CLI's last line names file, record, reason
         print(f"phi3v-ray: stopped: {message}", file=sys.stderr, flush=True)  # the last line: file, record, reason
         return 4
     return 0

@@ -31,7 +31,10 @@ def deterministic_message(err: BaseException | str) -> str | None:
     at = text.find(TAG)
     if at < 0:
         return None
-    return text[at + len(TAG):].strip().splitlines()[0]
+    message = text[at + len(TAG):].strip().splitlines()[0]
+    while message.startswith(TAG):  # a worker's message wrapped again by the controller
+        message = message[len(TAG):].strip()
+    return message
 
 
 class StopOnDeterministicFailure(ray.train.UserCallback):

@@ -240,6 +240,8 @@ def test_a_deterministic_failure_is_found_in_rays_wrapping():
     wrapped = RuntimeError(f"Training failed due to controller error:\nWorker 1 raised:\n{inner}\nTraceback ...")
     assert deterministic_message(wrapped) == "bad record: data/train.jsonl:7 (id=r7): image 'x.png' cannot be decoded"
     assert deterministic_message(RuntimeError("gloo connection reset")) is None
+    twice = DeterministicFailure(str(inner) + " (rank 0; not retried)")
+    assert deterministic_message(twice).startswith("bad record: data/train.jsonl:7")
 
 
 def test_demo_data_is_made_for_any_run_name(tmp_path):
