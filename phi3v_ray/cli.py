@@ -23,6 +23,7 @@ def _train(args) -> int:
         print(config_help())
         return 0
     from .launch import ClusterCannotFit, run_training
+    from .lease import RunInUse
 
     try:
         cfg = load_config(args.config or ("demo" if not args.overrides or _only_run_keys(args.overrides) else None),
@@ -36,6 +37,20 @@ def _train(args) -> int:
     except ClusterCannotFit as err:
         print(f"phi3v-ray: {err}", file=sys.stderr)
         return 3
+    except RunInUse as err:
+        print(f"phi3v-ray: {err}", file=sys.stderr)
+        return 5
+    except Exception as err:
+        from .failures import deterministic_message
+
+        message = deterministic_message(err)
+        if message is None:
+            raise
+        import ray
+
+        ray.shutdown()  # no worker log lines forwarded after ours: the CLI's last line names file, record, reason
+        print(f"phi3v-ray: stopped: {message}", file=sys.stderr, flush=True)  # the last line: file, record, reason
+        return 4
     return 0
 
 

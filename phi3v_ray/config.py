@@ -103,6 +103,8 @@ class DataConfig:
                                       "turns are dropped (truncate)")
     on_bad_record: OnBadRecord = _f("fail", "fail raises naming the record's file and line; skip writes it with its "
                                             "reason to the run's quarantine and counts it")
+    max_bad_fraction: float = _f(0.1, "skip mode: the run fails when more than this fraction of a split's records was "
+                                      "dropped (validation and decode together)", ge=0, le=1)
     max_pixels: int = _f(64_000_000, "images with more pixels (width × height) are refused before decoding", ge=1)
     max_images_per_turn: int = _f(16, "turns with more images are bad records", ge=1)
     preprocess_actors: int = _f(0, "Ray Data preprocessing actors per dataset; 0 = auto: one per training worker "
@@ -209,7 +211,10 @@ class TrainConfig:
     worker_resource: str = _f("", "custom resource each training worker takes one unit of (a node pool's label; "
                                   "empty = none)")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per training worker", ge=0)
-    max_failures: int = _f(2, "worker failures to recover from (restarts from the latest checkpoint)", ge=0)
+    max_failures: int = _f(2, "worker failures to recover from (restarts from the latest checkpoint); bad records, "
+                              "corrupt checkpoints and config errors are never retried", ge=0)
+    lease_stale_s: float = _f(300.0, "a run's lease (storage_path/name/.lease) whose heartbeat is older than this is "
+                                     "taken over by a new start; younger, and a second start is refused", gt=0)
     # --- checkpoints, evaluation, logging ---
     checkpoint_every: int = _f(0, "save a checkpoint every N optimizer steps (0 = only at the end)", ge=0)
     keep_checkpoints: int = _f(2, "checkpoints to keep", ge=1)

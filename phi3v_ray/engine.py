@@ -19,6 +19,7 @@ Both backends average gradients over ranks, so each rank back-propagates world_s
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,7 +220,38 @@ class DeepSpeedEngine:
         self.module.save_checkpoint(str(directory), tag="deepspeed")  # every rank writes its optimizer shard
 
     def load(self, directory: Path) -> None:
-        self.module.load_checkpoint(str(directory), tag="deepspeed")
+        # DeepSpeed's checkpoint engine calls torch.load(weights_only=False): a crafted file in storage would
+        # run code here. Force weights-only unpickling, allowing only the plain classes DeepSpeed saves.
+        with weights_only_loads():
+            self.module.load_checkpoint(str(directory), tag="deepspeed")
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load inside is weights_only (even where the caller asks otherwise).
+
+    Allows the few non-tensor types DeepSpeed ZeRO-2 writes into its checkpoint; anything else (a
+    `__reduce__` that runs a command) is refused with an UnpicklingError.
+    """
+    allowed = []
+    try:  # what ZeRO-2 pickles besides tensors and builtins (torch.serialization.get_unsafe_globals_in_checkpoint)
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed += [LossScaler, DynamicLossScaler, fragment_address, ZeroStageEnum]
+    except ImportError:
+        pass
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
 def build_engine(cfg, model, total_steps: int, precision: str, device: torch.device, world_size: int):

@@ -2,7 +2,8 @@
 
 Full and frozen-vision runs already hold `model/` in that layout. LoRA and QLoRA runs hold a PEFT
 `adapter/`; it is merged into the (unquantized) base model, so the result loads with
-`Phi3VForCausalLM.from_pretrained` and in the official code alike.
+`Phi3VForCausalLM.from_pretrained` and in the official code alike. A checkpoint that fails
+verification (manifest sizes, SHA-256, finite weights) is refused.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .checkpointing import TOKENIZER_FILES
+from .checkpointing import TOKENIZER_FILES, check_checkpoint
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
@@ -31,6 +32,7 @@ def export(out: str | Path, run: str | None = None, checkpoint: str | None = Non
     if (run is None) == (checkpoint is None):
         raise ValueError("give exactly one of --run or --checkpoint")
     ckpt = latest_checkpoint(run) if run else Path(checkpoint)
+    check_checkpoint(ckpt)  # CheckpointCorrupt naming the file: never export damaged weights
     out = Path(out)
     if (ckpt / "model").is_dir():
         shutil.copytree(ckpt / "model", out, dirs_exist_ok=True)

@@ -16,6 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import TrainConfig
+from .failures import StopOnDeterministicFailure
+from .lease import RunInUse, RunLease
 from .train import Plan, train_loop_per_worker
 
 LOCAL_MIN_CPUS = 4  # logical CPUs for a local Ray: training workers must leave slots for Ray Data
@@ -47,7 +49,7 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
             print(f"[phi3v-ray] writing a tiny random checkpoint to {path}", flush=True)
             write_tiny_checkpoint(path, seed=0, num_crops=cfg.data.num_crops)
         changes["checkpoint"] = str(path)
-    if not (cfg.data.train_file or cfg.data.val_file or cfg.data.images_root) and cfg.name == "phi3v-demo":
+    if not (cfg.data.train_file or cfg.data.val_file or cfg.data.images_root):  # any run name gets the demo data
         from datasets_ray.demo import make_demo_dataset
 
         data = root / "demo-data"
@@ -102,6 +104,43 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
+def _quarantine_dir(cfg: TrainConfig) -> Path:
+    local = Path(cfg.run_dir) if "://" not in cfg.run_dir else Path("runs").resolve() / cfg.name
+    return local / "quarantine"
+
+
+def check_dropped(cfg: TrainConfig, good: dict[str, int], after_training: bool) -> dict[str, int]:
+    """Count every dropped record (validation and decode), record the counts, fail above max_bad_fraction.
+
+    Before training only validation drops are known; after it, decode drops too. The counts go to
+    the console, `artifacts/dropped.json` and a row of metrics.jsonl.
+    """
+    from datasets_ray.pipeline import quarantine_report
+
+    from .failures import DeterministicFailure
+    from .storage import append_text, write_text
+
+    qdir = _quarantine_dir(cfg)
+    report = quarantine_report(qdir) if qdir.is_dir() else {}
+    if not report:
+        return report
+    print("[phi3v-ray] dropped records: " + ", ".join(f"{k} {v}" for k, v in sorted(report.items()))
+          + f" (listed in {qdir})", flush=True)
+    if after_training:
+        write_text(f"{cfg.run_dir}/artifacts/dropped.json", json.dumps(report, indent=1))
+        append_text(f"{cfg.run_dir}/artifacts/metrics.jsonl",
+                    json.dumps({"step": -1, **{f"dropped/{k}": v for k, v in report.items()}}) + "\n")
+    for split, n_good in good.items():
+        validated = report.get(f"{split}.validate", 0)
+        dropped = validated + report.get(f"{split}.decode", 0)
+        total = n_good + validated
+        if total and dropped / total > cfg.data.max_bad_fraction:
+            raise DeterministicFailure(
+                f"{qdir}: {dropped} of {total} {split} records were dropped ({dropped / total:.0%}), more than "
+                f"max_bad_fraction={cfg.data.max_bad_fraction}; the reasons are in the quarantine files there")
+    return report
+
+
 def make_trainer(cfg: TrainConfig, plan: Plan, datasets: dict, callbacks=None):
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -126,7 +165,7 @@ def make_trainer(cfg: TrainConfig, plan: Plan, datasets: dict, callbacks=None):
             storage_path=cfg.resolved_storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=callbacks,
+            callbacks=[StopOnDeterministicFailure(), *(callbacks or [])],
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[d for d in ("train",) if d in datasets],
@@ -171,11 +210,20 @@ def run_training(cfg: TrainConfig, callbacks=None, start_ray: bool = True):
         ensure_ray()
     check_cluster_fits(cfg)  # before building datasets: a starved Ray Data would wait forever
     t0 = time.perf_counter()
-    datasets, n_train, n_val = build_datasets(cfg)
-    plan = plan_run(cfg, n_train, n_val)
-    print(f"[phi3v-ray] run {cfg.name}: {n_train} train / {n_val} val records, {cfg.num_workers} workers, "
-          f"{plan.total_steps} steps; results in {plan.run_dir}", flush=True)
-    result = make_trainer(cfg, plan, datasets, callbacks).fit()
+    # One writer per run directory, from the first file written (the data manifests) to the last.
+    lease = RunLease(cfg.run_dir, stale_after_s=cfg.lease_stale_s).acquire()
+    try:
+        datasets, n_train, n_val = build_datasets(cfg)
+        plan = plan_run(cfg, n_train, n_val)
+        print(f"[phi3v-ray] run {cfg.name}: {n_train} train / {n_val} val records, {cfg.num_workers} workers, "
+              f"{plan.total_steps} steps; results in {plan.run_dir}", flush=True)
+        check_dropped(cfg, {"train": n_train, "val": n_val}, after_training=False)
+        result = make_trainer(cfg, plan, datasets, callbacks).fit()
+        check_dropped(cfg, {"train": n_train, "val": n_val}, after_training=True)
+    finally:
+        lease.release()
+    if lease.lost:
+        raise RunInUse(f"run {cfg.name}: {lease.lost} while this run trained; its files may mix both runs")
     elapsed = time.perf_counter() - t0
     summary = summarize_run(plan.run_dir, elapsed)
     if summary:

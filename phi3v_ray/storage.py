@@ -42,6 +42,33 @@ def write_text(path: str, text: str) -> None:
         raise
 
 
+def read_text(path: str) -> str | None:
+    """The file's text, or None when it does not exist."""
+    if is_remote(path):
+        fs, inner = _filesystem(path)
+        try:
+            with fs.open_input_stream(inner) as f:
+                return f.read().decode()
+        except FileNotFoundError:
+            return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def delete_file(path: str) -> None:
+    """Remove the file if it exists."""
+    if is_remote(path):
+        fs, inner = _filesystem(path)
+        try:
+            fs.delete_file(inner)
+        except FileNotFoundError:
+            pass
+        return
+    Path(path).unlink(missing_ok=True)
+
+
 def append_text(path: str, text: str) -> None:
     """Add `text` at the end of the file (created if missing)."""
     if is_remote(path):
@@ -57,3 +84,32 @@ def append_text(path: str, text: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target, "a", encoding="utf-8") as f:
         f.write(text)
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """The run's `checkpoint_*` directories, newest first (Ray names them by UTC time, so names sort by age)."""
+    if is_remote(run_dir):
+        import pyarrow.fs
+
+        fs, inner = _filesystem(run_dir)
+        try:
+            infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
+        except (FileNotFoundError, OSError):
+            return []
+        scheme = run_dir.split("://", 1)[0]
+        names = [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory]
+        return [f"{scheme}://{inner.rstrip('/')}/{n}" for n in sorted(names, reverse=True) if n.startswith("checkpoint_")]
+    root = Path(run_dir)
+    if not root.is_dir():
+        return []
+    return [str(p) for p in sorted(root.glob("checkpoint_*"), key=lambda p: p.name, reverse=True) if p.is_dir()]
+
+
+def checkpoint_at(path: str):
+    """A `ray.train.Checkpoint` for a directory on any storage (`as_directory()` downloads a remote one)."""
+    import ray.train
+
+    if is_remote(path):
+        fs, inner = _filesystem(path)
+        return ray.train.Checkpoint(inner, filesystem=fs)
+    return ray.train.Checkpoint(path)

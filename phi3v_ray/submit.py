@@ -264,6 +264,8 @@ def add_parser(subparsers) -> None:
 
 
 def _submit(args) -> int:
+    from ray.exceptions import AuthenticationError
+
     command = list(args.command)
     if command[:1] == ["--"]:
         command = command[1:]
@@ -275,7 +277,13 @@ def _submit(args) -> int:
     except SubmitError as err:
         print(f"phi3v-ray submit: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:  # what the Jobs API answered (401/403 without the right token, unknown job, ...)
+    except AuthenticationError as err:  # 401/403: one line saying what to fix, no traceback
+        status = "403 (wrong token)" if "Authentication failed" in str(err) else "401 (no token sent)"
+        print(f"phi3v-ray submit: the Jobs API at {args.address} refused the request with {status}: give the cluster's "
+              f"token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (with RAY_AUTH_MODE=token)",
+              file=sys.stderr)
+        return 1
+    except RuntimeError as err:  # what the Jobs API answered (unknown job, ...)
         print(f"phi3v-ray submit: the Jobs API at {args.address} answered: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ evaluation and each checkpoint, decided from numbers all ranks share.
 from __future__ import annotations
 
 import json
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,10 +24,11 @@ import torch.distributed as dist
 
 from datasets_ray.schema import BadRecord
 
-from .checkpointing import STATE_FILE, TrainState, read_checkpoint, write_checkpoint
+from .checkpointing import STATE_FILE, CheckpointCorrupt, TrainState, read_checkpoint, verify_checkpoint, write_checkpoint
 from .collate import batch_stats, iter_train_batches
 from .config import TrainConfig
 from .engine import DTYPES, build_engine, load_trainable_weights, train_step
+from .failures import DeterministicFailure
 from .hardware import HardwareChoice, detect_gpu, log_choice, resolve_hardware
 from .memory import plan_for_config
 from .modes import LoraSettings, Mode, apply_mode, cast_trainable, count_parameters, enable_gradient_checkpointing
@@ -119,12 +121,76 @@ def train_loop_per_worker(loop_config: dict) -> None:
         recipe.resume()
         recipe.train()
     except Exception as err:
-        bad = _cause_of_type(err, BadRecord)
-        if bad is not None:  # Ray truncates worker errors on the driver: the file, line and reason must survive
-            say(f"stopped on a bad record: {bad}")
+        # Ray truncates worker errors on the driver, and would retry them: a failure no retry can fix
+        # becomes a DeterministicFailure carrying the file, line/record and reason (see failures.py).
+        if _cause_of_type(err, DeterministicFailure) is None:
+            kind, bad = _deterministic_cause(err)
+            if bad is not None:
+                say(f"stopped on a {kind}: {bad}")
+                raise DeterministicFailure(f"{kind}: {bad}") from err
         raise
     finally:
         recipe.cleanup()
+
+
+def choose_checkpoint(run_dir: str) -> str:
+    """The newest checkpoint directory of the run that passes verification ("" when the run has none).
+
+    Every `checkpoint_*` directory counts, also one finished after a driver was killed and so never
+    registered with Ray. A bad or incomplete one is skipped with a line naming it and why; when some
+    exist and none verifies, CheckpointCorrupt (a deterministic failure: no retry can fix it).
+    """
+    from .storage import checkpoint_at, list_checkpoints
+
+    skipped = []
+    for path in list_checkpoints(run_dir):
+        with checkpoint_at(path).as_directory() as directory:
+            problems = verify_checkpoint(Path(directory))
+        if not problems:
+            if skipped:
+                say(f"resuming from the newest good checkpoint {path}")
+            return path
+        skipped.append(f"{path}: {'; '.join(problems)}")
+        say(f"skipping checkpoint {path}: " + "; ".join(problems))
+    if skipped:
+        raise CheckpointCorrupt(f"no checkpoint of {run_dir} passes verification: " + " | ".join(skipped)
+                                + ". Delete the damaged checkpoint directories to start over, or use another name.")
+    return ""
+
+
+def _broadcast_text(text: str, worker: Worker) -> str:
+    """Rank 0's string on every rank (bytes in a tensor: no pickling)."""
+    if worker.world_size == 1 or not dist.is_initialized():
+        return text
+    device = worker.device if worker.device.type == "cuda" else torch.device("cpu")
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    buf = torch.zeros(int(size), dtype=torch.uint8, device=device)
+    if worker.rank == 0:
+        buf.copy_(data)
+    dist.broadcast(buf, src=0)
+    return bytes(buf.cpu().tolist()).decode()
+
+
+def _deterministic_cause(err: BaseException) -> tuple[str, str | None]:
+    """("bad record" | "corrupt checkpoint", its message) when no retry can fix err, else ("", None).
+
+    A bad record raised in a Ray Data actor reaches the worker as a RayTaskError whose cause chain
+    holds only text: the remote traceback's `BadRecord: <file>:<line> (id=...): <reason>` line.
+    """
+    import traceback
+
+    for kind, cls in (("bad record", BadRecord), ("corrupt checkpoint", CheckpointCorrupt)):
+        found = _cause_of_type(err, cls)
+        if found is not None:
+            return kind, str(found)
+    text = "".join(traceback.format_exception(err))
+    for kind, cls in (("bad record", BadRecord), ("corrupt checkpoint", CheckpointCorrupt)):
+        at = text.rfind(f"{cls.__name__}: ")
+        if at >= 0:
+            return kind, text[at + len(cls.__name__) + 2:].splitlines()[0].strip()
+    return "", None
 
 
 def _cause_of_type(err: BaseException, kind: type) -> BaseException | None:
@@ -148,6 +214,9 @@ def evaluate_checkpoint(cfg: TrainConfig, plan: Plan, worker: Worker) -> dict:
     step = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
+            problems = verify_checkpoint(Path(directory))
+            if problems:
+                raise DeterministicFailure(f"corrupt checkpoint {checkpoint.path}: " + "; ".join(problems))
             load_trainable_weights(model, Path(directory))
             step = json.loads((Path(directory) / STATE_FILE).read_text())["state"]["step"]
     scores = _evaluate(model, cfg, plan, worker, step=step, tag="eval")
@@ -201,17 +270,23 @@ class Recipe:
 
     # -- resume
     def resume(self) -> None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        """Restore from the newest checkpoint of the run that verifies; skipped ones are named with the reason."""
+        chosen = _broadcast_text(choose_checkpoint(self.plan.run_dir) if self.worker.rank == 0 else "",
+                                 self.worker)
+        if not chosen:
             return
-        with checkpoint.as_directory() as directory:
-            self.state, self.history = read_checkpoint(Path(directory), self.engine, self.worker.rank)
+        from .storage import checkpoint_at
+
+        with checkpoint_at(chosen).as_directory() as directory:
+            try:
+                self.state, self.history = read_checkpoint(Path(directory), self.engine, self.worker.rank)
+            except pickle.UnpicklingError as err:  # weights-only loading met a type it does not allow
+                raise CheckpointCorrupt(f"{chosen}: refused to unpickle a checkpoint file that holds more than "
+                                        f"tensors and plain data (crafted or foreign): {str(err).splitlines()[0]}") from err
         self.state.resumed_at.append(self.state.step)
         if self.worker.rank == 0:
             s = self.state
-            say(f"resumed at step {s.step} (epoch {s.epoch}, batch {s.batch_in_epoch})")
+            say(f"resumed at step {s.step} (epoch {s.epoch}, batch {s.batch_in_epoch}) from {chosen}")
 
     # -- train
     def train(self) -> None:
@@ -236,7 +311,13 @@ class Recipe:
                 if epoch_ends:
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 stepped = True
-                done = state.step >= self.plan.total_steps
+                # The last epoch's last step ends the run even before the planned step count: records
+                # dropped while decoding shorten the data, and the run must still end with its final
+                # checkpoint, weights and evaluation.
+                done = state.step >= self.plan.total_steps or state.epoch >= cfg.epochs
+                if done and state.step < self.plan.total_steps and self.worker.rank == 0:
+                    say(f"the training data ran out at step {state.step} of the {self.plan.total_steps} planned "
+                        f"(records dropped while decoding): this is the final step")
                 self._after_step(window, out, done)
                 after_step(state.step)
                 if done:

@@ -360,3 +360,31 @@ def test_a_step_on_uint8_crops_equals_the_step_on_float_pixel_values(tiny_ckpt, 
     assert uint8["losses"] == floats["losses"] and uint8["grad_norms"] == floats["grad_norms"]
     for name, value in floats["trainable"].items():
         assert torch.equal(uint8["trainable"][name], value), name
+
+
+# ----------------------------------------------------------------------------- text-only records beside images
+@pytest.fixture(scope="module")
+def text_only(tiny_ckpt) -> dict:
+    """A record without images (the schema allows it): no pixel_values, no image_sizes."""
+    processor = Phi3VProcessor.from_pretrained(tiny_ckpt, num_crops=1)
+    ex = build_example(processor, [{"user": "How many sides has a square?", "assistant": "four", "images": []}], [])
+    return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": None, "image_sizes": None}
+
+
+@pytest.mark.slow
+def test_a_text_only_micro_batch_on_one_rank_trains_under_ddp_and_zero2(tiny_ckpt, samples, text_only, tmp_path):
+    """2 ranks, rank 1's first micro-batch has no image (once the vision tower ran on one rank only and
+    DDP's gradient buckets went out of step: gloo aborted). The steps equal one process with both rows."""
+    ckpt = str(tiny_ckpt)
+    ranks = [[[collate([samples[0]])], [collate([samples[2]])]],
+             [[collate([text_only])], [collate([samples[3]])]]]
+    one = [[[collate([samples[0], text_only])], [collate([samples[2], samples[3]])]]]
+    two_ranks, one_process = [], []
+    for engine, zero_stage in (("ddp", 0), ("zero2", 2)):
+        two_ranks.append((f"{engine}-ranks", _cfg(num_workers=2, zero_stage=zero_stage).to_dict(), ckpt, ranks))
+        one_process.append((f"{engine}-one", _cfg(micro_batch=2, zero_stage=zero_stage).to_dict(), ckpt, one))
+    results = _spawn(2, two_ranks, tmp_path) | _spawn(1, one_process, tmp_path)
+    for engine in ("ddp", "zero2"):
+        assert all(math.isfinite(x) for x in results[f"{engine}-ranks"]["losses"])
+        _assert_same_run(results[f"{engine}-one"], results[f"{engine}-ranks"], f"{engine}: text-only row on rank 1",
+                         norm_rel=1e-4)

@@ -62,6 +62,38 @@ def test_cli_refuses_a_remote_address_before_connecting(capsys):
     assert "not a loopback address" in err and "--allow-remote" in err and "port-forward" in err
 
 
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_token_is_one_clear_line(status, capsys, monkeypatch):
+    """A real HTTP server that answers every request like Ray's dashboard without (401) or with a wrong (403) token."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(b"Unauthorized" if status == 401 else b"Forbidden")
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    try:
+        from phi3v_ray.cli import main
+
+        rc = main(["submit", "--address", f"http://127.0.0.1:{server.server_port}", "--no-working-dir", "--", "train"])
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert f"refused the request with {status}" in err[0] and "RAY_AUTH_TOKEN" in err[0]
+
+
 def test_other_schemes_are_refused():
     with pytest.raises(SubmitError, match="http://HOST:PORT"):
         check_address("ray://127.0.0.1:10001")

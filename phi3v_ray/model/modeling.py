@@ -15,7 +15,7 @@ from transformers import CLIPPreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
 
-from ..constants import IGNORE_INDEX, STOP_IDS
+from ..constants import CROP_SIZE, IGNORE_INDEX, STOP_IDS
 from .configuration import Phi3VConfig, flash_attn_available
 from .image_embedding import Phi3VImageEmbedding
 
@@ -55,7 +55,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         embeds = self.embed_tokens(input_ids.clamp_min(0))  # (B, T, hidden)
         is_image = input_ids < 0
         if not bool(is_image.any()):
-            return embeds
+            return self._touch_vision_tower(embeds)
         if pixel_values is None or image_sizes is None:
             raise ValueError("input_ids hold image placeholders but no pixel_values/image_sizes were given")
         features = self.vision_embed_tokens(pixel_values, image_sizes)  # list of (tokens_i, hidden)
@@ -82,6 +82,22 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         if offset != len(features):
             raise ValueError(f"pixel_values hold {len(features)} images but input_ids have placeholders for {offset}")
         return torch.stack(rows, dim=0)
+
+    def _touch_vision_tower(self, embeds: torch.Tensor) -> torch.Tensor:
+        """A text-only batch with gradients on still runs the vision tower (on one blank crop) and adds 0 × its output.
+
+        Under DDP every rank must produce gradients for the same parameters in the same order, and ZeRO-2
+        reduces in buckets too: if one rank's batch has no image while another's has, the ranks' gradient
+        reductions go out of step (gloo aborts). The zero-weighted pass gives the trainable vision
+        parameters a (zero) gradient on every rank, every micro-batch.
+        """
+        tower = self.vision_embed_tokens
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())):  # not in eval/generation
+            return embeds
+        size = CROP_SIZE
+        blank = torch.zeros(1, 2, 3, size, size, dtype=embeds.dtype, device=embeds.device)  # (1 image, global + 1 crop, 3, H, W)
+        features = tower(blank, torch.tensor([[size, size]], device=embeds.device))  # list of (tokens, hidden)
+        return embeds + 0.0 * features[0].sum().to(embeds.dtype)
 
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, inputs_embeds=None, **kwargs):
         if inputs_embeds is None:

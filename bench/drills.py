@@ -1,0 +1,337 @@
+"""Reliability drills (issue #11): break a real run in each way the issue lists and show the outcome.
+
+Every drill runs the real CLI (`python -m phi3v_ray.cli train --config demo ...`) in a subprocess on
+a private local Ray: the demo preset, 2 CPU workers, 15 optimizer steps, a checkpoint every 3 steps.
+Runs that recover are compared with an uninterrupted baseline: the same 15 losses and bit-identical
+final weights.
+
+    python bench/drills.py                                  # every drill, prints a table
+    python bench/drills.py --only straight,killed_worker    # some of them
+    python bench/drills.py --out bench/results/drills.json
+
+Drills: straight (the baseline), killed_worker, killed_driver (SIGKILL the driver's process group
+after checkpoint 6, rerun), corrupt_weights_random (4 KiB of random bytes in the newest checkpoint's
+weights), corrupt_weights_truncated, corrupt_optimizer_truncated (the newest checkpoint is skipped,
+the run resumes from the one before; export refuses the damaged one), crafted_pickle (ZeRO-2: a
+pickle that would run code, with the manifest rewritten to match), skip_decode_drops (5 of the
+records have undecodable images, on_bad_record=skip), bad_record_fail (the same data in fail mode),
+text_only_ddp / text_only_zero2 (records without images mixed in), same_name_twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+STEPS, EVERY = 15, 3
+COMMON = [f"max_steps={STEPS}", f"checkpoint_every={EVERY}", "log_every=1", "eval_before=false",
+          "eval_max_samples=8", "keep_checkpoints=3", "report_every_s=3600"]
+
+
+class _RunsACommand:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('code ran')",))
+
+
+class Drills:
+    def __init__(self, work: Path):
+        self.work = work
+        self.store = work / "runs"
+        self.results: dict[str, dict] = {}
+        self.baseline: dict | None = None
+
+    # ------------------------------------------------------------------ running the CLI
+    def cli(self, name: str, *overrides: str, log: str | None = None, wait: bool = True, extra_env=None):
+        args = [sys.executable, "-m", "phi3v_ray.cli", "train", "--config", "demo", f"name={name}",
+                f"storage_path={self.store}", *COMMON, *overrides]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TRAIN_V2_ENABLED": "1", **(extra_env or {})}
+        env.pop("RAY_ADDRESS", None)
+        for _ in range(3):  # on an overloaded machine a local Ray can time out while starting: not a drill result
+            out = open(self.work / f"{log or name}.log", "w")
+            proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            if not wait:
+                return proc
+            rc = proc.wait()
+            out.close()
+            text = (self.work / f"{log or name}.log").read_text()
+            if "timed out during startup" not in text:
+                break
+        return rc, text
+
+    @staticmethod
+    def last_line(text: str) -> str:
+        lines = [line for line in text.splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+    def run_dir(self, name: str) -> Path:
+        return self.store / name
+
+    def checkpoints(self, name: str) -> list[Path]:
+        return sorted(p for p in self.run_dir(name).glob("checkpoint_*") if p.is_dir())  # not Ray's snapshot file
+
+    def fresh(self, *names: str) -> None:
+        for name in names:
+            shutil.rmtree(self.run_dir(name), ignore_errors=True)
+
+    def step_of(self, ckpt: Path) -> int | None:
+        try:
+            return json.loads((ckpt / "train_state.json").read_text())["state"]["step"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def losses(self, name: str) -> dict[int, float]:
+        path = self.run_dir(name) / "artifacts" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    def final(self, name: str) -> Path | None:
+        finals = [c for c in self.checkpoints(name) if (c / "model").is_dir() and self.step_of(c) == STEPS]
+        return finals[-1] if finals else None
+
+    def compare(self, name: str) -> dict:
+        """Against the baseline: same 15 losses, identical final weights, final eval present."""
+        from safetensors.torch import load_file
+
+        out = {"losses_equal": False, "weights_identical": False}
+        final = self.final(name)
+        out["final_checkpoint"] = final is not None
+        out["final_eval"] = (self.run_dir(name) / "artifacts" / "eval" / "after.json").is_file()
+        if self.baseline is None or final is None:
+            return out
+        mine = self.losses(name)
+        out["losses_equal"] = sorted(mine) == list(range(1, STEPS + 1)) and all(
+            mine[s] == self.baseline["losses"][s] for s in mine)
+        a = load_file(str(final / "model" / "model.safetensors"))
+        b = load_file(str(self.baseline["final"] / "model" / "model.safetensors"))
+        out["weights_identical"] = a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+        return out
+
+    def interrupted(self, name: str, *overrides: str) -> None:
+        """Train until step 7 (worker 0 exits, no retries): checkpoints 3 and 6 on disk."""
+        self.fresh(name)
+        marker = self.work / f"{name}.stopped"
+        marker.unlink(missing_ok=True)
+        rc, _ = self.cli(name, f"fault_injection=0:7:{marker}", "max_failures=0", *overrides, log=f"{name}.first")
+        assert rc != 0 and marker.is_file(), f"{name}: the interrupted run did not stop at step 7"
+
+    def resumed_from(self, log: str) -> str:
+        return next((line.split("[phi3v-ray] ", 1)[1] for line in log.splitlines() if "resumed at step" in line), "")
+
+    # ------------------------------------------------------------------ the drills
+    def straight(self) -> dict:
+        rc = 0
+        if self.final("straight") is None:  # a finished baseline in --work is reused
+            self.fresh("straight")
+            rc, _ = self.cli("straight")
+        final = self.final("straight")
+        self.baseline = {"losses": self.losses("straight"), "final": final}
+        return {"rc": rc, "steps": len(self.baseline["losses"]), "final_checkpoint": final is not None}
+
+    def killed_worker(self) -> dict:
+        self.fresh("killed_worker")
+        marker = self.work / "killed_worker.marker"
+        rc, log = self.cli("killed_worker", f"fault_injection=1:7:{marker}", "max_failures=1")
+        return {"rc": rc, "killed": marker.is_file(), "resumed": self.resumed_from(log), **self.compare("killed_worker")}
+
+    def killed_driver(self) -> dict:
+        self.fresh("killed_driver")
+        proc = self.cli("killed_driver", log="killed_driver.first", wait=False)
+        deadline = time.time() + 900
+        while time.time() < deadline and not any(self.step_of(c) == 6 for c in self.checkpoints("killed_driver")):
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        time.sleep(2)
+        rc, log = self.cli("killed_driver")
+        return {"rc": rc, "resumed": self.resumed_from(log), **self.compare("killed_driver")}
+
+    def _corrupt(self, name: str, victim: str, how: str) -> dict:
+        self.interrupted(name)
+        newest = self.checkpoints(name)[-1]
+        path = newest / victim
+        size = path.stat().st_size
+        if how == "random":
+            with open(path, "r+b") as f:
+                f.seek(size // 2)
+                f.write(os.urandom(4096))
+        else:
+            os.truncate(path, size // 2)
+        export_out = self.work / f"{name}.export"  # before the rerun: Ray's rotation may delete the damaged one
+        exp = subprocess.run([sys.executable, "-m", "phi3v_ray.cli", "export", "--checkpoint", str(newest), "--out",
+                              str(export_out)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                             capture_output=True, text=True)
+        damaged = f"{newest.name}/{victim} (step {self.step_of(newest)})"
+        rc, log = self.cli(name)
+        skipped = [line for line in log.splitlines() if "skipping checkpoint" in line]
+        return {"rc": rc, "damaged": damaged,
+                "skipped_line": skipped[0][:300] if skipped else "", "resumed": self.resumed_from(log),
+                "export_of_damaged_refused": exp.returncode != 0 and not export_out.exists(),
+                "export_error": self.last_line(exp.stderr)[-300:], **self.compare(name)}
+
+    def corrupt_weights_random(self) -> dict:
+        return self._corrupt("corrupt_weights_random", "trainable.safetensors", "random")
+
+    def corrupt_weights_truncated(self) -> dict:
+        return self._corrupt("corrupt_weights_truncated", "trainable.safetensors", "truncate")
+
+    def corrupt_optimizer_truncated(self) -> dict:
+        return self._corrupt("corrupt_optimizer_truncated", "optimizer.pt", "truncate")
+
+    def crafted_pickle(self) -> dict:
+        from phi3v_ray.checkpointing import write_manifest
+
+        name = "crafted_pickle"
+        self.interrupted(name, "zero_stage=2")
+        newest = self.checkpoints(name)[-1]
+        victim = newest / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        marker = self.work / "crafted_pickle.code_ran"
+        import torch
+
+        torch.save({"optimizer_state_dict": _RunsACommand(str(marker))}, victim)
+        manifest = json.loads((newest / "manifest_rank0.json").read_text())
+        write_manifest(newest, 0, manifest["world_size"])  # the attacker rewrites the manifest too
+        t0 = time.time()
+        rc, log = self.cli(name, "zero_stage=2")
+        return {"rc": rc, "code_ran": marker.exists(), "seconds": round(time.time() - t0),
+                "last_line": self.last_line(log)[:400]}
+
+    def _broken_images_data(self, n_bad: int = 5) -> Path:
+        """The demo data with `n_bad` training images overwritten by bytes that are no image."""
+        src = self.store / "demo-data"
+        if not (src / "train.jsonl").is_file():
+            from datasets_ray.demo import make_demo_dataset
+
+            make_demo_dataset(src, seed=0)
+        data = self.work / "broken-data"
+        if not data.is_dir():
+            shutil.copytree(src, data)
+            records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+            for rec in records[:n_bad * 7:7]:
+                (data / "images" / rec["conversations"][0]["images"][0]).write_bytes(b"not an image" * 10)
+        return data
+
+    def skip_decode_drops(self) -> dict:
+        self.fresh("skip_decode_drops", "skip_decode_strict")
+        data = self._broken_images_data()
+        files = [f"train_file={data / 'train.jsonl'}", f"val_file={data / 'test.jsonl'}", f"images_root={data / 'images'}"]
+        rc, log = self.cli("skip_decode_drops", "on_bad_record=skip", *files, "max_steps=0", "epochs=1")
+        dropped = json.loads((self.run_dir("skip_decode_drops") / "artifacts" / "dropped.json").read_text()) \
+            if (self.run_dir("skip_decode_drops") / "artifacts" / "dropped.json").is_file() else {}
+        finals = [c for c in self.checkpoints("skip_decode_drops") if (c / "model").is_dir()]
+        rc_strict, log_strict = self.cli("skip_decode_strict", "on_bad_record=skip", *files, "max_steps=0", "epochs=1",
+                                         "max_bad_fraction=0.01")
+        return {"rc": rc, "dropped": dropped, "final_weights": bool(finals),
+                "final_eval": (self.run_dir("skip_decode_drops") / "artifacts" / "eval" / "after.json").is_file(),
+                "ran_out_line": next((line for line in log.splitlines() if "ran out" in line), "")[:200],
+                "strict_rc": rc_strict, "strict_last_line": self.last_line(log_strict)[:300]}
+
+    def bad_record_fail(self) -> dict:
+        self.fresh("bad_record_fail")
+        data = self._broken_images_data()
+        t0 = time.time()
+        rc, log = self.cli("bad_record_fail", f"train_file={data / 'train.jsonl'}", f"val_file={data / 'test.jsonl'}",
+                           f"images_root={data / 'images'}", "max_failures=2")
+        return {"rc": rc, "seconds": round(time.time() - t0), "last_line": self.last_line(log)[:400],
+                "attempts": log.count("mode=full trainable")}
+
+    def _text_only_data(self) -> Path:
+        src = self.store / "demo-data"
+        if not (src / "train.jsonl").is_file():
+            from datasets_ray.demo import make_demo_dataset
+
+            make_demo_dataset(src, seed=0)
+        data = self.work / "text-only-data"
+        if not data.is_dir():
+            shutil.copytree(src, data)
+            lines = []
+            for i, line in enumerate((data / "train.jsonl").read_text().splitlines()):
+                rec = json.loads(line)
+                if i % 8 == 4:  # one record in 8: rank 1's first micro-batch of step 1 holds one
+                    rec["conversations"] = [{"images": [], "user": "How many sides has a square?", "assistant": "four"}]
+                lines.append(json.dumps(rec))
+            (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+        return data
+
+    def _text_only(self, name: str, *overrides: str) -> dict:
+        self.fresh(name)
+        data = self._text_only_data()
+        rc, log = self.cli(name, f"train_file={data / 'train.jsonl'}", f"val_file={data / 'test.jsonl'}",
+                           f"images_root={data / 'images'}", "max_failures=0", "micro_batch=1", *overrides)
+        return {"rc": rc, "steps": len(self.losses(name)), "final_checkpoint": bool(self.checkpoints(name)),
+                "last_line": self.last_line(log)[:200]}
+
+    def text_only_ddp(self) -> dict:
+        return self._text_only("text_only_ddp")
+
+    def text_only_zero2(self) -> dict:
+        return self._text_only("text_only_zero2", "zero_stage=2")
+
+    def same_name_twice(self) -> dict:
+        self.fresh("same_name")
+        first = self.cli("same_name", log="same_name.first", wait=False)
+        lease = self.run_dir("same_name") / ".lease"
+        deadline = time.time() + 300
+        while time.time() < deadline and not lease.is_file():
+            time.sleep(0.2)
+        t0 = time.time()
+        rc, log = self.cli("same_name", log="same_name.second")
+        seconds = round(time.time() - t0)
+        rc_first = first.wait()
+        steps = sorted(self.step_of(c) for c in self.checkpoints("same_name"))
+        logged = [s for s in (json.loads(line).get("step") for line in
+                              (self.run_dir("same_name") / "artifacts" / "metrics.jsonl").read_text().splitlines())]
+        return {"second_rc": rc, "second_seconds": seconds, "second_last_line": self.last_line(log)[:400],
+                "first_rc": rc_first, "checkpoint_steps": steps,
+                "metrics_steps_in_order": logged == sorted(logged) and len(set(logged)) == len(logged)}
+
+
+ORDER = ["straight", "corrupt_weights_random", "crafted_pickle", "text_only_ddp", "bad_record_fail",
+         "skip_decode_drops", "same_name_twice", "killed_worker", "killed_driver", "text_only_zero2",
+         "corrupt_weights_truncated", "corrupt_optimizer_truncated"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="comma-separated drill names (default: all)")
+    parser.add_argument("--work", default="", help="working directory (default: a new temporary one)")
+    parser.add_argument("--out", default="", help="write the results as JSON here")
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="phi3v-drills-"))
+    work.mkdir(parents=True, exist_ok=True)
+    drills = Drills(work)
+    wanted = [d for d in (args.only.split(",") if args.only else ORDER) if d]
+    needs_baseline = {"killed_worker", "killed_driver", "corrupt_weights_random", "corrupt_weights_truncated",
+                      "corrupt_optimizer_truncated"}
+    if needs_baseline & set(wanted) and "straight" not in wanted:
+        wanted.insert(0, "straight")
+    for name in wanted:
+        t0 = time.time()
+        try:
+            result = getattr(drills, name)()
+        except Exception as err:  # a drill that broke is a result too
+            result = {"error": f"{type(err).__name__}: {err}"}
+        result["wall_s"] = round(time.time() - t0)
+        drills.results[name] = result
+        print(f"{name}: {json.dumps(result, default=str)}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(drills.results, indent=1, default=str))
+    print(f"logs in {work}")
+
+
+if __name__ == "__main__":
+    main()
