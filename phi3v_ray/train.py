@@ -92,6 +92,7 @@ def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, check
             enable_gradient_checkpointing(model, plan.lm, plan.clip)
         if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
             say(str(plan))
+    model.train(training)  # from_pretrained returns eval mode: dropout (LoRA's too) would stay off in training
     return model.to(device) if mode is not Mode.QLORA else model
 
 
