@@ -48,6 +48,7 @@ def _overrides(tmp_path, demo_data, tiny_ckpt, **changes) -> dict:
         "preprocess_cpus": 0.5,
         "log_every": 1,
         "report_every_s": 0,  # one report per step: ASHA's rung at step 2 sees every trial there
+        "preprocess_actors": 1,  # a fixed pool: two trials fit side by side on the 4-CPU test cluster
         **changes,
     }
 
