@@ -183,8 +183,11 @@ def test_config_loads_without_torch():
 
 # ------------------------------------------------------------------------------------ self-contained
 
-# A path into another checkout or the machine it was written on: /work/..., ../shared, shared/reference.
-OUTSIDE = re.compile("|".join([r"/work/", r"\.\./shared\b", r"\bshared/reference\b"]))
+# A path that leaves the repository: an absolute one under the folder that holds this checkout, or
+# a relative climb into one of that folder's other entries (a user's clone has neither).
+_SIBLINGS = sorted(p.name for p in ROOT.parent.iterdir() if p != ROOT)
+OUTSIDE = re.compile("|".join([re.escape(str(ROOT.parent)) + "/"]
+                              + [r"\.\./" + re.escape(name) + r"\b" for name in _SIBLINGS]))
 
 
 def test_tests_and_bench_read_nothing_outside_the_repository():
