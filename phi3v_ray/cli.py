@@ -25,21 +25,16 @@ def _train(args) -> int:
     from .launch import ClusterCannotFit, run_training
     from .lease import RunInUse
 
+    exit_codes = ((ConfigError, 2), (ClusterCannotFit, 3), (RunInUse, 5))  # each refusal and its exit status
     try:
         cfg = load_config(args.config or ("demo" if not args.overrides or _only_run_keys(args.overrides) else None),
                           args.overrides)
         if args.command == "eval":
             cfg = cfg.replace(eval_only=True)
         run_training(cfg)
-    except ConfigError as err:
+    except (ConfigError, ClusterCannotFit, RunInUse) as err:
         print(f"phi3v-ray: {err}", file=sys.stderr)
-        return 2
-    except ClusterCannotFit as err:
-        print(f"phi3v-ray: {err}", file=sys.stderr)
-        return 3
-    except RunInUse as err:
-        print(f"phi3v-ray: {err}", file=sys.stderr)
-        return 5
+        return next(code for kind, code in exit_codes if isinstance(err, kind))
     except Exception as err:
         from .failures import deterministic_message
 
