@@ -1,4 +1,5 @@
-"""What Ray costs the training loop: the same tiny-model run as a bare loop and through `run_training`.
+"""What Ray costs the training loop, in time and memory: the same tiny-model run as a bare loop and
+through `run_training`.
 
     bare         one process, no Ray: load_model + build_engine + train_step over micro-batches
                  collated beforehand (torch at 1 thread, as a 1-CPU Ray worker gets)
@@ -8,7 +9,9 @@
 
 Seconds per step are measured over the same steady window in each: from the end of step `--warmup`
 to the end of the last step (the Ray runs from the `wall_time` of rank 0's rows in metrics.jsonl),
-so start-up (Ray, actors, model load) is left out and everything in the loop is counted.
+so start-up (Ray, actors, model load) is left out and everything in the loop is counted. Memory is
+the training process's host memory at the end (bare) or the largest logged by rank 0: resident
+(RSS, which counts shared pages such as Ray's object store) and unique (USS, what the process alone holds).
 
     python bench/ray_overhead.py                          # 40 steps, micro batch 4: prints the table
     python bench/ray_overhead.py --out bench/results/ray_overhead.json
@@ -42,7 +45,14 @@ def _config(workdir: Path, ckpt: Path, data: Path, steps: int, micro_batch: int,
     })
 
 
-def bare_loop(cfg, steps: int, warmup: int) -> float:
+def _memory_gb() -> dict[str, float]:
+    import psutil
+
+    info = psutil.Process().memory_full_info()
+    return {"rss_gb": info.rss / 2**30, "uss_gb": info.uss / 2**30}
+
+
+def bare_loop(cfg, steps: int, warmup: int) -> dict:
     """Seconds per step of the engine alone on pre-collated batches of the same records."""
     import torch
     from PIL import Image
@@ -77,7 +87,7 @@ def bare_loop(cfg, steps: int, warmup: int) -> float:
         out = train_step(engine, [batch])
         float(out.loss_sum)  # the Ray loop reads the loss at every logged step too
         ends.append(time.perf_counter())
-    return (ends[-1] - ends[warmup - 1]) / (len(ends) - warmup)
+    return {"s_per_step": (ends[-1] - ends[warmup - 1]) / (len(ends) - warmup), **_memory_gb()}
 
 
 def ray_loop(cfg, warmup: int) -> dict:
@@ -88,7 +98,8 @@ def ray_loop(cfg, warmup: int) -> dict:
     rows = [json.loads(line) for line in (Path(cfg.run_dir) / "artifacts" / "metrics.jsonl").read_text().splitlines()]
     times = {r["step"]: r["wall_time"] for r in rows if "loss" in r}
     last = max(times)
-    return {"s_per_step": (times[last] - times[warmup]) / (last - warmup), "steps": last}
+    return {"s_per_step": (times[last] - times[warmup]) / (last - warmup), "steps": last,
+            "rss_gb": max(r.get("host_rss_gb", 0.0) for r in rows), "uss_gb": max(r.get("host_uss_gb", 0.0) for r in rows)}
 
 
 def main() -> int:
@@ -122,16 +133,18 @@ def main() -> int:
         "ray 1 worker, report every step": cfg("ray1-every", num_workers=1, report_every_s=0),
     }
     for label, run_cfg in runs.items():
-        results[label] = ray_loop(run_cfg, args.warmup)["s_per_step"]
+        results[label] = ray_loop(run_cfg, args.warmup)
 
-    bare = results["bare"]
-    print(f"\n{'loop':<34} {'s/step':>8} {'× bare':>8}")
-    for label, value in results.items():
-        print(f"{label:<34} {value:>8.3f} {value / bare:>8.2f}")
+    bare = results["bare"]["s_per_step"]
+    print(f"\n{'loop':<34} {'s/step':>8} {'× bare':>8} {'RSS GB':>8} {'USS GB':>8}")
+    for label, r in results.items():
+        print(f"{label:<34} {r['s_per_step']:>8.3f} {r['s_per_step'] / bare:>8.2f} {r['rss_gb']:>8.2f} {r['uss_gb']:>8.2f}")
     if args.out:
         record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                   "steps": args.steps, "warmup": args.warmup, "micro_batch": args.micro_batch,
-                  "s_per_step": results, "ratio_to_bare": {k: v / bare for k, v in results.items()}}
+                  "s_per_step": {k: r["s_per_step"] for k, r in results.items()},
+                  "ratio_to_bare": {k: r["s_per_step"] / bare for k, r in results.items()},
+                  "host_memory_gb": {k: {"rss": r["rss_gb"], "uss": r["uss_gb"]} for k, r in results.items()}}
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     return 0
 

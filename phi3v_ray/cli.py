@@ -17,28 +17,27 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
 def _train(args) -> int:
-    from .config import ConfigError, config_help, load_config
+    from .config import ConfigError, config_help
 
     if args.help_config:
         print(config_help())
         return 0
     from .launch import ClusterCannotFit, run_training
+    from .checkpointing import CheckpointCorrupt
     from .lease import RunInUse
 
-    exit_codes = ((ConfigError, 2), (ClusterCannotFit, 3), (RunInUse, 5))  # each refusal and its exit status
+    # each refusal and its exit status
+    exit_codes = ((ConfigError, 2), (ClusterCannotFit, 3), (CheckpointCorrupt, 4), (RunInUse, 5))
     try:
-        cfg = load_config(args.config or ("demo" if not args.overrides or _only_run_keys(args.overrides) else None),
-                          args.overrides)
-        if args.command == "eval":
-            cfg = cfg.replace(eval_only=True)
-        run_training(cfg)
-    except (ConfigError, ClusterCannotFit, RunInUse) as err:
+        cfg, problems = _read_config(args)
+        run_training(cfg, problems=problems)
+    except (ConfigError, ClusterCannotFit, CheckpointCorrupt, RunInUse) as err:
         print(f"phi3v-ray: {err}", file=sys.stderr)
         return next(code for kind, code in exit_codes if isinstance(err, kind))
     except Exception as err:
-        from .failures import deterministic_message
+        from .failures import deterministic_message, out_of_memory_message
 
-        message = deterministic_message(err)
+        message = deterministic_message(err) or out_of_memory_message(err)
         if message is None:
             raise
         import ray
@@ -47,6 +46,23 @@ def _train(args) -> int:
         print(f"phi3v-ray: stopped: {message}", file=sys.stderr, flush=True)  # the last line: file, record, reason
         return 4
     return 0
+
+
+def _read_config(args):
+    """(config, problems so far) for `train` and `eval`; `eval checkpoint=<run or checkpoint>` starts from
+    the settings stored with that checkpoint."""
+    from .config import parse_overrides, read_config, resolve_key
+
+    source = args.config or ("demo" if not args.overrides or _only_run_keys(args.overrides) else None)
+    if args.command == "eval":
+        from .resolve import eval_config
+
+        checkpoint = next((str(v) for k, v in parse_overrides(args.overrides).items() if resolve_key(k) == "checkpoint"), "")
+        if checkpoint:
+            return eval_config(args.config, args.overrides, checkpoint)
+        cfg, problems = read_config(source, args.overrides)
+        return cfg.replace(eval_only=True), problems
+    return read_config(source, args.overrides)
 
 
 def _only_run_keys(overrides: list[str]) -> bool:
@@ -81,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text + ". Settings are key=value; see --help-config.")
         p.add_argument("--config", help="preset name (demo, docvqa, hateful_memes, nlvr2, ucf101) or a YAML file")
         p.add_argument("--help-config", action="store_true", help="list every setting with its type, default and meaning")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="show Ray's and the libraries' own output (by default it goes to <run>/logs/)")
         p.add_argument("overrides", nargs="*", metavar="key=value")
         p.set_defaults(func=_train)
 
@@ -110,8 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """What libraries print on the driver by themselves (the tiny model's rope notice, save progress bars,
+    DeepSpeed's accelerator guess when transformers imports it) stays off a quiet console."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not os.environ.get("RAY_ADDRESS"):  # a private local Ray: its workers share this machine's hardware
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ["PHI3V_VERBOSE"] = "1"
+    elif os.environ.get("PHI3V_VERBOSE", "") in ("", "0"):
+        _quiet_libraries()
     return int(args.func(args) or 0)
 
 

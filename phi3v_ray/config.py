@@ -168,6 +168,9 @@ class TrainConfig:
     seed: int = _f(0, "seed for weights of new adapters, dropout and data order")
     # --- model ---
     checkpoint: str = _f("tiny", "checkpoint directory in the official layout, or 'tiny' to write a random tiny one")
+    allow_download: bool = _f(False, "let checkpoint name a Hugging Face Hub repo id, fetched once on the driver "
+                                     "(weights as safetensors, never code); false = local directories and object "
+                                     "storage only, nothing is looked up")
     mode: ModeName = _f("lora", "what trains: everything, all but the vision side, LoRA adapters, or LoRA on a "
                                 "4-bit base")
     precision: Precision = _f("auto", "compute precision (auto picks from the GPU the worker gets)")
@@ -229,6 +232,9 @@ class TrainConfig:
     fault_injection: str = _f("", "chaos testing: 'rank:step:marker_file' makes that worker's process exit once "
                                   "after that step")
     eval_only: bool = _f(False, "evaluate the checkpoint on val_file and stop (what `phi3v-ray eval` runs)")
+    trained_checkpoint: str = _f("", "eval only: a run's checkpoint whose trained weights (adapter/ or "
+                                     "trainable.safetensors) go on top of checkpoint; `phi3v-ray eval checkpoint=<run "
+                                     "or checkpoint>` sets it")
 
     # ----------------------------------------------------------------- derived values
     @property
@@ -351,9 +357,10 @@ class TrainConfig:
             problems.append(Problem("val_file", self.data.val_file, "evaluation needs a validation jsonl"))
         return problems + self.data.path_problems()
 
-    def validate(self) -> "TrainConfig":
-        """Check every field; raise one ConfigError listing all problems with their fixes."""
-        problems = self.value_problems() + self.path_problems()
+    def validate(self, earlier: Sequence[Problem] = ()) -> "TrainConfig":
+        """Check every field; raise one ConfigError listing all problems with their fixes (and `earlier`
+        ones, e.g. unknown keys found while reading the command line)."""
+        problems = list({str(p): p for p in [*earlier, *self.value_problems(), *self.path_problems()]}.values())
         if problems:
             raise ConfigError(problems)
         return self
@@ -433,7 +440,7 @@ def _bounds_text(bounds: dict, hint) -> str:
 
 def _flatten(values: Mapping[str, Any], source: str = "") -> tuple[dict[str, Any], list[Problem]]:
     """Any mix of nested, dotted and short keys → ({short name: typed value}, problems)."""
-    settings, flat, problems, given = _settings(), {}, [], {}
+    flat, problems, given = {}, [], {}
     where = f" in {source}" if source else ""
 
     def put(key: str, name: str, value) -> None:
@@ -475,7 +482,31 @@ def _all_keys() -> tuple[str, ...]:
     return tuple(_settings()) + tuple(f"data.{n}" for n in _data_names())
 
 
+# What people type from HF Trainer, torchtune, LLaMA-Factory and the recipe's scripts → our setting.
+ALIASES = {
+    "learning_rate": "lr", "lr_rate": "lr", "per_device_train_batch_size": "micro_batch", "batch_size": "micro_batch",
+    "train_batch_size": "global_batch", "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs", "num_epochs": "epochs", "warmup": "warmup_steps", "max_grad_norm_value": "max_grad_norm",
+    "model_name_or_path": "checkpoint", "model": "checkpoint", "model_path": "checkpoint", "output_dir": "storage_path",
+    "run_name": "name", "lora_r": "lora_rank", "rank": "lora_rank", "r": "lora_rank",
+    "max_seq_length": "max_length", "cutoff_len": "max_length", "max_seq_len": "max_length",
+    "save_steps": "checkpoint_every", "eval_steps": "eval_every", "logging_steps": "log_every",
+    "save_total_limit": "keep_checkpoints", "num_gpus": "num_workers", "gpus": "num_workers",
+    "data_path": "train_file", "train_data": "train_file", "eval_file": "val_file", "eval_data": "val_file",
+    "image_folder": "images_root", "image_dir": "images_root", "images_dir": "images_root",
+    "bf16": "precision", "fp16": "precision", "deepspeed": "zero_stage", "use_lora": "mode", "use_qlora": "mode",
+    "freeze_vision": "mode", "flash_attn": "attention", "attn_implementation": "attention",
+    "weight_decay_rate": "weight_decay", "seed_value": "seed", "max_new_token": "max_new_tokens",
+}
+
+
 def _suggest(key: str, names) -> str:
+    """' (did you mean …?)' for a misspelt or foreign key: aliases first, then the closest spelling."""
+    bare = key.rpartition(".")[2].lower().replace("-", "_")
+    alias = ALIASES.get(bare) or next((ALIASES[a] for a in difflib.get_close_matches(bare, list(ALIASES), n=1,
+                                                                                       cutoff=0.8)), None)
+    if alias is not None and (alias in names or f"data.{alias}" in names):
+        return f" (did you mean {alias!r}?)"
     close = difflib.get_close_matches(key, list(names), n=1)
     return f" (did you mean {close[0]!r}?)" if close else "; see --help-config"
 
@@ -557,11 +588,26 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
-def load_config(source: str | None, overrides: list[str] | Mapping[str, Any] | None = None) -> TrainConfig:
+def load_config(source: str | None, overrides: list[str] | Mapping[str, Any] | None = None,
+                base: Mapping[str, Any] | None = None) -> TrainConfig:
     """Preset/YAML (or the defaults) + overrides → TrainConfig (not yet validated: see run_training).
 
-    Layers, later wins: the file, its `modes:` section for the chosen mode, the overrides. Every
-    problem of every layer is collected and raised once.
+    Layers, later wins: `base` (e.g. the settings stored with a checkpoint), the file, its `modes:`
+    section for the chosen mode, the overrides. Every problem of every layer is collected and
+    raised once.
+    """
+    cfg, problems = read_config(source, overrides, base)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def read_config(source: str | None, overrides: list[str] | Mapping[str, Any] | None = None,
+                base: Mapping[str, Any] | None = None) -> tuple[TrainConfig, list[Problem]]:
+    """`load_config` without raising: (the config, every problem found so far, value checks included).
+
+    The CLI passes the problems on to `validate`, so an unknown key and a missing file are reported
+    together instead of one hiding the other.
     """
     problems: list[Problem] = []
     data: dict[str, Any] = {}
@@ -576,7 +622,7 @@ def load_config(source: str | None, overrides: list[str] | Mapping[str, Any] | N
     else:
         over = dict(overrides or {})
     modes = data.pop("modes", {}) or {}
-    mode = str(over.get("mode", data.get("mode", TrainConfig.mode)))
+    mode = str(over.get("mode", data.get("mode", (base or {}).get("mode", TrainConfig.mode))))
     if modes and mode not in modes:
         problems.append(Problem("mode", mode, f"this preset publishes {sorted(modes)}"))
     merged: dict[str, Any] = {}
@@ -584,10 +630,14 @@ def load_config(source: str | None, overrides: list[str] | Mapping[str, Any] | N
         flat, bad = _flatten(layer, where or "")
         merged.update(flat)
         problems += bad
-    cfg = TrainConfig()._with(merged)
+    start = TrainConfig()
+    if base:
+        flat, bad = _flatten(base, "the checkpoint's stored settings")
+        start, problems = start._with(flat), problems + bad
+    cfg = start._with(merged)
     if problems:
-        raise ConfigError(problems + cfg.value_problems())
-    return cfg
+        problems += cfg.value_problems()
+    return cfg, problems
 
 
 def config_help() -> str:

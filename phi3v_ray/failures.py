@@ -37,6 +37,24 @@ def deterministic_message(err: BaseException | str) -> str | None:
     return message
 
 
+OOM_MARKERS = ("OutOfMemoryError", "ran out of memory", "CUDA out of memory", "MemoryError")
+
+
+def out_of_memory_message(err: BaseException) -> str | None:
+    """A plain sentence when err (or a worker error Ray wrapped in it) is a process running out of memory."""
+    text = str(err)
+    seen, cause = set(), err
+    while cause is not None and id(cause) not in seen:  # class names along the chain, then the wrapped text
+        seen.add(id(cause))
+        text += " " + type(cause).__name__
+        cause = cause.__cause__ or cause.__context__
+    if not any(marker in text for marker in OOM_MARKERS):
+        return None
+    where = "the GPU" if "CUDA out of memory" in text else "the machine's memory (Ray's memory monitor or the OS ended a worker)"
+    return (f"a worker ran out of memory: {where}. Lower micro_batch, num_crops or max_length, use fewer workers per "
+            f"machine (num_workers, cpus_per_worker), or close other programs; `-v` shows the worker's own error")
+
+
 class StopOnDeterministicFailure(ray.train.UserCallback):
     """Raise in the controller when any worker failed deterministically: Ray Train then stops without retrying."""
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from .config import TrainConfig
 from .failures import StopOnDeterministicFailure
 from .lease import RunInUse, RunLease
+from .storage import is_remote
 from .train import Plan, train_loop_per_worker
 
 LOCAL_MIN_CPUS = 4  # logical CPUs for a local Ray: training workers must leave slots for Ray Data
@@ -27,14 +28,21 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to the cluster in RAY_ADDRESS (jobs, clusters) or start a private local one."""
     import ray
 
+    from .console import STARTED_HERE, verbose
+
     if ray.is_initialized():
         return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}}
+    # Quiet: worker output stays in Ray's log files (rank 0's lines come through console.Console), and
+    # ray.init's own notices (e.g. that token auth is on, as it should be) stay off the console.
+    quiet = {} if verbose() else {"log_to_driver": False, "logging_level": "ERROR"}
+    # Workers never look anything up on the Hub: the driver resolved the checkpoint to a directory.
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1", "HF_HUB_OFFLINE": "1"}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env)
+        ray.init(runtime_env=env, **quiet)
     else:
         cpus = num_cpus or max(LOCAL_MIN_CPUS, os.cpu_count() or 1)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env, **quiet)
+        STARTED_HERE["ray"] = True
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
@@ -141,7 +149,7 @@ def check_dropped(cfg: TrainConfig, good: dict[str, int], after_training: bool) 
     return report
 
 
-def make_trainer(cfg: TrainConfig, plan: Plan, datasets: dict, callbacks=None):
+def make_trainer(cfg: TrainConfig, plan: Plan, datasets: dict, callbacks=None, console=None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -153,7 +161,7 @@ def make_trainer(cfg: TrainConfig, plan: Plan, datasets: dict, callbacks=None):
     resources = {k: v for k, v in cfg.worker_resources().items() if not k.startswith("accelerator_type:")}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "plan": asdict(plan)},
+        train_loop_config={"config": cfg.to_dict(), "plan": asdict(plan), "console": console},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -203,54 +211,106 @@ def check_cluster_fits(cfg: TrainConfig) -> None:
     check_cpu_budget(ray.cluster_resources().get("CPU", 0.0), cfg.num_workers, cfg.cpus_per_worker, cfg.data)
 
 
-def run_training(cfg: TrainConfig, callbacks=None, start_ray: bool = True):
+def prepare(cfg: TrainConfig, problems=()) -> TrainConfig:
+    """The config a run starts with: paths absolute, the demo's defaults filled in, validated (with
+    `problems` found earlier, e.g. unknown keys), and a resume checked against the stored settings."""
+    from .resolve import absolute_paths, check_resume, fetch_hub_checkpoint
+
+    cfg = absolute_paths(cfg)
+    if not problems:
+        cfg = fetch_hub_checkpoint(cfg)
+    cfg = resolve_defaults(cfg).validate(problems)
+    if not cfg.eval_only:
+        check_resume(cfg)
+    return cfg
+
+
+def run_training(cfg: TrainConfig, callbacks=None, start_ray: bool = True, problems=()):
     """Validate, plan and fit; prints the evaluation before and after. Returns the Ray Train Result."""
-    cfg = resolve_defaults(cfg).validate()
+    cfg = prepare(cfg, problems)
     if start_ray:
         ensure_ray()
     check_cluster_fits(cfg)  # before building datasets: a starved Ray Data would wait forever
+    from .console import Console
+
     t0 = time.perf_counter()
     # One writer per run directory, from the first file written (the data manifests) to the last.
     lease = RunLease(cfg.run_dir, stale_after_s=cfg.lease_stale_s).acquire()
     try:
-        datasets, n_train, n_val = build_datasets(cfg)
-        plan = plan_run(cfg, n_train, n_val)
-        print(f"[phi3v-ray] run {cfg.name}: {n_train} train / {n_val} val records, {cfg.num_workers} workers, "
-              f"{plan.total_steps} steps; results in {plan.run_dir}", flush=True)
-        check_dropped(cfg, {"train": n_train, "val": n_val}, after_training=False)
-        result = make_trainer(cfg, plan, datasets, callbacks).fit()
-        check_dropped(cfg, {"train": n_train, "val": n_val}, after_training=True)
+        with Console(cfg.run_dir) as console:
+            datasets, n_train, n_val = build_datasets(cfg)
+            plan = plan_run(cfg, n_train, n_val)
+            what = f"evaluate {cfg.checkpoint} on {n_val} val records" if cfg.eval_only else \
+                f"{n_train} train / {n_val} val records, {plan.total_steps} optimizer steps of {cfg.effective_global_batch}"
+            print(f"[phi3v-ray] run {cfg.name} ({cfg.mode}): {what}; {cfg.num_workers} worker(s) on "
+                  f"{'GPU' if cfg.use_gpu else 'CPU'}; results in {plan.run_dir}", flush=True)
+            dropped = check_dropped(cfg, {"train": n_train, "val": n_val}, after_training=False)
+            result = make_trainer(cfg, plan, datasets, callbacks, console.queue).fit()
+            dropped = check_dropped(cfg, {"train": n_train, "val": n_val}, after_training=True) or dropped
     finally:
         lease.release()
     if lease.lost:
         raise RunInUse(f"run {cfg.name}: {lease.lost} while this run trained; its files may mix both runs")
-    elapsed = time.perf_counter() - t0
-    summary = summarize_run(plan.run_dir, elapsed)
+    summary = summarize_run(plan.run_dir, time.perf_counter() - t0, dropped)
     if summary:
         print(summary, flush=True)
     return result
 
 
-def summarize_run(run_dir: str, elapsed: float | None = None) -> str:
-    """Before/after evaluation and a loss-curve PNG, read from the run's artifacts."""
-    if "://" in run_dir:
-        return ""
+def summarize_run(run_dir: str, elapsed: float | None = None, dropped: dict | None = None) -> str:
+    """The closing summary: evaluation before/after per task, dropped records, wall time, throughput,
+    and where the checkpoints, final weights, loss curve, metrics and logs are."""
+    from .metrics import score_table
+    from .storage import list_checkpoints, local_run_dir
+
+    if is_remote(run_dir):
+        return f"[phi3v-ray] done in {elapsed:.0f} s; results in {run_dir}" if elapsed is not None else ""
     artifacts = Path(run_dir) / "artifacts"
-    lines = []
-    for tag in ("before", "after"):
+    evals = {}
+    for tag in ("before", "after", "eval"):
         path = artifacts / "eval" / f"{tag}.json"
         if path.is_file():
-            scores = json.loads(path.read_text())["scores"]
-            shown = ", ".join(f"{k[4:]} {v:.3f}" for k, v in sorted(scores.items()) if not k.endswith("/n"))
-            lines.append(f"  eval {tag:<6}: {shown}")
-    metrics = artifacts / "metrics.jsonl"
-    if metrics.is_file():
-        png = plot_loss_curve(metrics, artifacts / "loss_curve.png")
-        if png:
-            lines.append(f"  loss curve : {png}")
+            evals[tag] = {k[4:]: v for k, v in json.loads(path.read_text())["scores"].items()}
+    lines = []
+    if evals:
+        lines.append(score_table(evals, ("accuracy", "anls", "roc_auc") if len(evals) == 1 else ("accuracy", "roc_auc")))
+    rows = _metric_rows(artifacts / "metrics.jsonl")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    if losses:
+        lines.append(f"  loss       : {losses[0]:.3f} → {losses[-1]:.3f} over {rows[-1]['step']} steps")
+    speed = [r for r in rows if "tokens_per_s" in r]
+    if speed:
+        mean = lambda key: sum(r[key] for r in speed) / len(speed)  # noqa: E731
+        lines.append(f"  throughput : {mean('tokens_per_s'):,.0f} tokens/s, {mean('images_per_s'):,.1f} images/s "
+                     f"(mean of logged steps, all workers)")
+    lines.append("  dropped    : " + (", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) + " (see quarantine/)"
+                                     if dropped else "no records"))
     if elapsed is not None:
         lines.append(f"  wall time  : {elapsed:.0f} s")
-    return "[phi3v-ray] summary\n" + "\n".join(lines) if lines else ""
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        lines.append(f"  checkpoint : {checkpoints[0]}")
+        for sub in ("model", "adapter"):
+            if (Path(checkpoints[0]) / sub).is_dir():
+                lines.append(f"  weights    : {Path(checkpoints[0]) / sub}  (phi3v-ray export --run {run_dir} --out …)")
+    if losses:
+        png = plot_loss_curve(artifacts / "metrics.jsonl", artifacts / "loss_curve.png")
+        if png:
+            lines.append(f"  loss curve : {png}")
+    lines.append(f"  metrics    : {artifacts / 'metrics.jsonl'}; logs: {local_run_dir(run_dir) / 'logs'}")
+    return f"[phi3v-ray] summary of {Path(run_dir).name}\n" + "\n".join(lines)
+
+
+def _metric_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    by_step = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if row.get("step", -1) >= 0:
+                by_step.setdefault(row["step"], {}).update(row)  # a resumed run repeats steps: the last wins
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def plot_loss_curve(metrics_file: Path, out: Path) -> Path | None:

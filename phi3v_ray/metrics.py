@@ -86,3 +86,22 @@ def summarize(records: Sequence[dict]) -> dict[str, float]:
                 out[f"{prefix}roc_auc"] = auc
     out["n"] = float(len(records))
     return out
+
+
+def score_table(columns: dict[str, dict[str, float]], metrics: Sequence[str] = ("accuracy", "anls", "roc_auc")) -> str:
+    """Scores as a small table, a row per task ("all" first) and a column per (run tag, metric).
+
+    columns: {"before": summarize(...), "after": summarize(...)}; keys like "accuracy", "digit/accuracy", "n".
+    """
+    tags = list(columns)
+    tasks = sorted({k.split("/")[0] for s in columns.values() for k in s if "/" in k})
+    shown = [m for m in metrics if any(m in s or any(k.endswith("/" + m) for k in s) for s in columns.values())]
+    head = ["task"] + [f"{m} {t}" if len(tags) > 1 else m for m in shown for t in tags]
+    rows = []
+    for task in ["all", *tasks]:
+        prefix = "" if task == "all" else f"{task}/"
+        cells = [f"{columns[t][prefix + m]:.3f}" if prefix + m in columns[t] else "-" for m in shown for t in tags]
+        rows.append([task, *cells])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in [head, *rows])

@@ -16,6 +16,12 @@ def is_remote(path: str) -> bool:
     return "://" in str(path)
 
 
+def local_run_dir(run_dir: str) -> Path:
+    """Where the driver keeps a run's local files: the run directory itself, or ./runs/<name> for a
+    run on object storage."""
+    return Path(run_dir) if not is_remote(run_dir) else Path("runs").resolve() / run_dir.rstrip("/").rsplit("/", 1)[-1]
+
+
 def _filesystem(path: str):
     import pyarrow.fs
 

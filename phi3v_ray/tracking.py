@@ -21,9 +21,24 @@ from pathlib import Path
 from .storage import append_text, is_remote
 
 
+CONSOLE_HIDDEN = ("wall_time", "host_rss_gb", "host_uss_gb")  # in metrics.jsonl, not on the progress line
+_console = None  # the driver's console queue (console.Console), when the driver is quiet
+
+
+def set_console(queue) -> None:
+    """Send this worker's `say` lines to the driver's console too (None: the worker's stdout only)."""
+    global _console
+    _console = queue
+
+
 def say(text: str) -> None:
-    """Print one line from a worker. Ray Train tees print() when a library has wrapped sys.stdout."""
-    print(f"[phi3v-ray] {text}", file=sys.__stdout__, flush=True)
+    """One line for the person at the terminal: to the worker's stdout (its log file; the console with
+    -v) and, when the driver is quiet, through its console queue. Ray Train tees print() when a
+    library has wrapped sys.stdout, hence sys.__stdout__."""
+    line = f"[phi3v-ray] {text}"
+    print(line, file=sys.__stdout__, flush=True)
+    if _console is not None:
+        _console.actor.put_nowait.remote(line)  # no wait: actor calls from one caller keep their order
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
@@ -76,10 +91,16 @@ class MetricLogger:
             self._mlflow = mlflow
             mlflow.start_run()
 
-    def log(self, metrics: dict) -> None:
+    def log(self, metrics: dict, show: bool = True) -> None:
+        """Write one row everywhere; `show=False` keeps its line off a quiet console (worker log only)."""
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-                         if k != "wall_time")
-        say(f"{self.progress.line(int(metrics.get('step', 0)))} {shown}")
+                         if k not in CONSOLE_HIDDEN and not k.startswith("val/"))
+        line = f"{self.progress.line(int(metrics.get('step', 0)))} {shown}"
+        if show and any(k not in ("step", "wall_time") and not k.startswith("val/") for k in metrics):
+            # (a row of evaluation scores alone is on the console already, as a table)
+            say(line)
+        else:
+            print(f"[phi3v-ray] {line}", file=sys.__stdout__, flush=True)
         append_text(self.metrics_file, json.dumps(metrics) + "\n")
         scalars = _scalars(metrics)
         if self._tensorboard is not None:

@@ -78,7 +78,7 @@ def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, check
         kwargs["dtype"] = DTYPES[hw.precision]  # frozen base in half precision, adapters too (below)
     else:
         kwargs["dtype"] = torch.float32  # fp32 master weights; compute is autocast or DeepSpeed's half copy
-    model = Phi3VForCausalLM.from_pretrained(checkpoint_dir, **kwargs)
+    model = Phi3VForCausalLM.from_pretrained(checkpoint_dir, local_files_only=True, **kwargs)
     model = apply_mode(
         model, mode, LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_vision), cfg.freeze_text_embedding
     )
@@ -108,6 +108,9 @@ def _worker_from_ray(cfg: TrainConfig) -> Worker:
 
 # ----------------------------------------------------------------------------- entry point
 def train_loop_per_worker(loop_config: dict) -> None:
+    from .tracking import set_console
+
+    set_console(loop_config.get("console"))
     cfg = TrainConfig.from_dict(loop_config["config"])
     plan = Plan(**loop_config["plan"])
     worker = _worker_from_ray(cfg)
@@ -206,20 +209,21 @@ def _cause_of_type(err: BaseException, kind: type) -> BaseException | None:
 
 
 def evaluate_checkpoint(cfg: TrainConfig, plan: Plan, worker: Worker) -> dict:
-    """`phi3v-ray eval`: the model (with the run's latest trained weights, if any) on val_file; no optimizer."""
+    """`phi3v-ray eval`: the weights in `checkpoint`, with a run's trained weights on top when the driver
+    named them (`trained_checkpoint`, verified there), on val_file; no optimizer."""
     import ray.train
+
+    from .storage import checkpoint_at
 
     torch.manual_seed(cfg.seed)
     model = load_model(cfg, worker.hw, worker.device, plan.checkpoint_dir, training=False)
-    checkpoint = ray.train.get_checkpoint()
     step = 0
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            problems = verify_checkpoint(Path(directory))
-            if problems:
-                raise DeterministicFailure(f"corrupt checkpoint {checkpoint.path}: " + "; ".join(problems))
+    if cfg.trained_checkpoint:
+        with checkpoint_at(cfg.trained_checkpoint).as_directory() as directory:
             load_trainable_weights(model, Path(directory))
             step = json.loads((Path(directory) / STATE_FILE).read_text())["state"]["step"]
+    elif (Path(plan.checkpoint_dir).parent / STATE_FILE).is_file():  # <checkpoint>/model of a finished run
+        step = json.loads((Path(plan.checkpoint_dir).parent / STATE_FILE).read_text())["state"]["step"]
     scores = _evaluate(model, cfg, plan, worker, step=step, tag="eval")
     ray.train.report({"step": step, **scores})
     return scores
@@ -236,8 +240,10 @@ def _evaluate(model, cfg: TrainConfig, plan: Plan, worker: Worker, step: int, ta
     scores = evaluate(model, ray.train.get_dataset_shard("val"), cfg, plan, worker.device, worker.rank,
                       worker.world_size, step=step, tag=tag, hw=worker.hw)
     if worker.rank == 0 and scores:
-        say(f"eval {tag} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if not k.startswith("val/n"))
-            + f" ({time.perf_counter() - t:.1f}s)")
+        from .metrics import score_table
+
+        say(f"eval {tag} at step {step} ({time.perf_counter() - t:.1f} s):\n"
+            + score_table({tag: {k[4:]: v for k, v in scores.items()}}))
     return scores
 
 
@@ -358,21 +364,21 @@ class Recipe:
         if done:
             evaluated = self.evaluate("after")
         row = {**metrics, **evaluated}
-        if row:
-            self.log({"step": step, **row})
         save = done or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
         due = bool(metrics) and since_report >= cfg.report_every_s
+        if row:
+            self.log({"step": step, **row}, show=save or bool(evaluated) or due)  # the console: a line per report
         if save or evaluated or due:
             self.report({"step": step, **row}, checkpoint=save, final=done)
         if metrics:
             window.t0 = time.perf_counter()  # throughput counts training, not logging, evaluation or reporting
 
-    def log(self, row: dict) -> None:
+    def log(self, row: dict, show: bool = True) -> None:
         """One row per logged step: the console and metrics files (rank 0), and the checkpointed history."""
         row["wall_time"] = round(time.time(), 3)
         self.history.append(row)
         if self.logger is not None:
-            self.logger.log(row)
+            self.logger.log(row, show)
 
     def evaluate(self, tag: str) -> dict:
         return _evaluate(self.engine.model, self.cfg, self.plan, self.worker, step=self.state.step, tag=tag)
@@ -451,9 +457,19 @@ class _Window:
             "tokens_per_s": tokens / elapsed,
             "images_per_s": images / elapsed,
             "peak_mem_gb": (torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else _rss_gb(),
+            **_host_memory(),
         }
         self.reset()
         return metrics, since_report
+
+
+def _host_memory() -> dict[str, float]:
+    """This process's host memory: resident (shared pages such as Ray's object store included) and unique
+    (what ending the process would free)."""
+    import psutil
+
+    info = psutil.Process().memory_full_info()
+    return {"host_rss_gb": info.rss / 2**30, "host_uss_gb": info.uss / 2**30}
 
 
 def _rss_gb() -> float:
