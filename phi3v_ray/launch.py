@@ -41,6 +41,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(runtime_env=env, **quiet)
     else:
         cpus = num_cpus or max(LOCAL_MIN_CPUS, os.cpu_count() or 1)
+        # A run starts its trainers, controller and preprocessing actors at once; on a 2-core machine that
+        # is over Ray's per-core startup guess, and the raylet would warn on the console every run.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(2 * cpus))
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env, **quiet)
         STARTED_HERE["ray"] = True
 

@@ -4,8 +4,8 @@
     logger.log({"step": 10, "loss": 1.9, ...})      # one flat dict per logged step, stable keys
     logger.close()                                   # at the end of the loop, also after an error
 
-Only rank 0 builds one; TensorBoard and MLflow are used when installed (TensorBoard for local run
-directories only, MLflow tracking at $MLFLOW_TRACKING_URI or under the run's artifacts).
+Only rank 0 builds one; TensorBoard is used when installed (local run directories only), MLflow when
+$MLFLOW_TRACKING_URI names a tracking server or directory.
 """
 
 from __future__ import annotations
@@ -82,11 +82,9 @@ class MetricLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tensorboard = SummaryWriter(f"{run_dir}/artifacts/tensorboard")
-        if importlib.util.find_spec("mlflow") is not None:
-            import mlflow
+        if os.environ.get("MLFLOW_TRACKING_URI") and importlib.util.find_spec("mlflow") is not None:
+            import mlflow  # only when asked for: an installed MLflow alone costs every worker its import
 
-            if not os.environ.get("MLFLOW_TRACKING_URI") and not is_remote(run_dir):
-                mlflow.set_tracking_uri(f"file://{run_dir}/artifacts/mlruns")
             mlflow.set_experiment(Path(run_dir).name)
             self._mlflow = mlflow
             mlflow.start_run()
