@@ -6,6 +6,10 @@
       adapter/ | trainable.safetensors + optimizer.pt    DDP engine (rank 0)
       deepspeed/              DeepSpeed engine (every rank writes its optimizer shard)
       model/ | adapter/       final weights in the official layout / PEFT format (final checkpoint)
+
+The weights are stored once: a final checkpoint of the DDP engine has model/ instead of
+trainable.safetensors (resume reads the trained weights from there, `load_trainable_weights`), and
+LoRA's adapter/ serves both.
       manifest_rank{r}.json   written last by each rank: size and SHA-256 of every file that rank wrote
 
 Each rank writes its pieces into its own temporary directory and hands it to `ray.train.report`,
@@ -50,7 +54,7 @@ class TrainState:
 def write_checkpoint(directory: Path, engine, state: TrainState, history: list[dict], config: dict, rank: int,
                      final_weights_from: str | None = None) -> None:
     """This rank's part of a checkpoint; with final_weights_from (the base checkpoint dir), also the final weights."""
-    engine.save(directory, rank)
+    engine.save(directory, rank, weights=final_weights_from is None)  # final: model/ or adapter/ holds them
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()

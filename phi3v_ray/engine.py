@@ -148,10 +148,12 @@ class DDPEngine:
         return float(self.optimizer.param_groups[0]["lr"])
 
     # -- checkpoint state: weights as safetensors (PEFT format for adapters), optimizer state without pickle
-    def save(self, directory: Path, rank: int) -> None:
+    def save(self, directory: Path, rank: int, weights: bool = True) -> None:
+        """weights=False: the checkpoint's final weights (model/ or adapter/) hold them, one copy is enough."""
         if rank != 0:
             return
-        save_trainable_weights(self.model, directory)
+        if weights:
+            save_trainable_weights(self.model, directory)
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict(), "masters": [m.detach().cpu() for _, m in self.masters]},
                    directory / "optimizer.pt")
@@ -216,8 +218,10 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def save(self, directory: Path, rank: int) -> None:
-        self.module.save_checkpoint(str(directory), tag="deepspeed")  # every rank writes its optimizer shard
+    def save(self, directory: Path, rank: int, weights: bool = True) -> None:
+        # Every rank writes its optimizer shard. ZeRO-2 restores the weights from its own files (the fp32
+        # partitions), so `weights` changes nothing here.
+        self.module.save_checkpoint(str(directory), tag="deepspeed")
 
     def load(self, directory: Path) -> None:
         # DeepSpeed's checkpoint engine calls torch.load(weights_only=False): a crafted file in storage would
@@ -302,7 +306,11 @@ def save_trainable_weights(model, directory: Path) -> None:
 
 
 def load_trainable_weights(model, directory: Path) -> None:
-    """Inverse of `save_trainable_weights`; no optimizer involved (evaluation uses this too)."""
+    """Inverse of `save_trainable_weights`; no optimizer involved (evaluation and prediction use this too).
+
+    A final checkpoint of a full or frozen-vision run holds its weights once, in model/ (the official
+    layout, the same parameter names): the trainable ones are read from there.
+    """
     from safetensors.torch import load_file
 
     if (directory / "adapter").is_dir():
@@ -311,6 +319,30 @@ def load_trainable_weights(model, directory: Path) -> None:
         set_peft_model_state_dict(model, load_file(str(directory / "adapter" / "adapter_model.safetensors")))
         return
     params = dict(model.named_parameters())
+    if (directory / "trainable.safetensors").is_file():
+        saved = load_file(str(directory / "trainable.safetensors"))
+    else:
+        saved = _trainable_from_final_weights(directory / "model", {n for n, p in params.items() if p.requires_grad})
     with torch.no_grad():
-        for name, value in load_file(str(directory / "trainable.safetensors")).items():
+        for name, value in saved.items():
             params[name].copy_(value)
+
+
+def _trainable_from_final_weights(model_dir: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors called `names` from the safetensors files of model/ (one file or shards)."""
+    from safetensors import safe_open
+
+    from .checkpointing import CheckpointCorrupt
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointCorrupt(f"{model_dir.parent}: neither trainable.safetensors nor model/*.safetensors")
+    found = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in names & set(f.keys()):
+                found[name] = f.get_tensor(name)
+    missing = sorted(names - set(found))
+    if missing:
+        raise CheckpointCorrupt(f"{model_dir}: {len(missing)} trained weights missing, e.g. {missing[0]}")
+    return found

@@ -151,8 +151,36 @@ def checkpoint(tiny_ckpt, demo_data, tmp_path) -> Path:
     return ckpt
 
 
+def test_a_final_checkpoint_holds_the_weights_once_and_resumes_exactly_from_them(tiny_ckpt, demo_data, tmp_path):
+    """model/ replaces trainable.safetensors in a final checkpoint; a resumed engine takes the same next step."""
+    from safetensors import safe_open
+
+    cfg, batch = _cfg(mode="frozen_vision"), _batch(tiny_ckpt, demo_data)
+    engine = _engine(cfg, tiny_ckpt)
+    train_step(engine, [batch])
+    ckpt = tmp_path / "checkpoint_1"
+    ckpt.mkdir()
+    write_checkpoint(ckpt, engine, TrainState(step=1), [], cfg.to_dict(), rank=0, final_weights_from=str(tiny_ckpt))
+    files = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()}
+    assert "model/model.safetensors" in files and "optimizer.pt" in files and "trainable.safetensors" not in files
+    listed = json.loads((ckpt / "manifest_rank0.json").read_text())["files"]
+    assert set(listed) == files - {"manifest_rank0.json"} and verify_checkpoint(ckpt) == []
+    with safe_open(str(ckpt / "model" / "model.safetensors"), framework="pt") as f:
+        assert {n for n, p in engine.model.named_parameters()} == set(f.keys())  # the whole model, once
+
+    resumed = _engine(cfg, tiny_ckpt)
+    state, _ = read_checkpoint(ckpt, resumed, rank=0)
+    assert state.step == 1
+    for (name, a), b in zip(engine.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
+    first, second = train_step(engine, [batch]), train_step(resumed, [batch])
+    assert float(first.loss_sum) == float(second.loss_sum) and resumed.lr() == engine.lr()
+    for (name, a), b in zip(engine.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name  # same AdamW moments and schedule: the same update
+
+
 def test_random_bytes_in_the_weights_are_found(checkpoint):
-    weights = checkpoint / "trainable.safetensors"
+    weights = checkpoint / "model" / "model.safetensors"
     size = weights.stat().st_size
     with open(weights, "r+b") as f:
         f.seek(size // 2)
@@ -160,11 +188,11 @@ def test_random_bytes_in_the_weights_are_found(checkpoint):
     assert weights.stat().st_size == size
     problems = verify_checkpoint(checkpoint)
     assert len(problems) == 1 and str(weights) in problems[0] and "SHA-256" in problems[0]
-    with pytest.raises(Exception, match="trainable.safetensors"):
+    with pytest.raises(Exception, match="model.safetensors"):
         check_checkpoint(checkpoint)
 
 
-@pytest.mark.parametrize("victim", ["trainable.safetensors", "optimizer.pt", "model/model.safetensors"])
+@pytest.mark.parametrize("victim", ["optimizer.pt", "model/model.safetensors"])
 def test_a_truncated_file_is_named(checkpoint, victim):
     path = checkpoint / victim
     os.truncate(path, path.stat().st_size // 2)
@@ -175,7 +203,7 @@ def test_a_truncated_file_is_named(checkpoint, victim):
 def test_missing_manifest_or_file_and_non_finite_weights_are_found(checkpoint):
     from safetensors.torch import load_file, save_file
 
-    weights = checkpoint / "trainable.safetensors"
+    weights = checkpoint / "model" / "model.safetensors"
     tensors = load_file(str(weights))
     name = next(iter(tensors))
     tensors[name].view(-1)[0] = float("nan")
@@ -226,7 +254,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_names_it(checkpoint, tmp_p
     assert f"skipping checkpoint {run / names[1]}" in out and "no manifest" in out
     assert f"resuming from the newest good checkpoint {run / names[0]}" in out
 
-    os.truncate(run / names[0] / "trainable.safetensors", 10)
+    os.truncate(run / names[0] / "model" / "model.safetensors", 10)
     with pytest.raises(CheckpointCorrupt, match="no checkpoint of .* passes verification") as err:
         choose_checkpoint(str(run))
     assert all(name in str(err.value) for name in names)
