@@ -1,9 +1,10 @@
-"""`phi3v-ray`: train, eval, export, tune, submit, convert, tiny.
+"""`phi3v-ray`: train, eval, export, predict, tune, submit, convert, tiny.
 
     phi3v-ray train                                   # the embedded demo on a local Ray
     phi3v-ray train --config docvqa mode=lora checkpoint=/models/Phi-3.5-vision-instruct ...
     phi3v-ray eval checkpoint=runs/x/checkpoint_.../model val_file=... images_root=...
     phi3v-ray export --run runs/phi3v-demo --out exported/
+    phi3v-ray predict --run runs/phi3v-demo --image page.png --question "What is the total?"
 """
 
 from __future__ import annotations
@@ -81,6 +82,17 @@ def _export(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from .checkpointing import CheckpointCorrupt
+    from .predict import run_cli
+
+    try:
+        return run_cli(args)
+    except (FileNotFoundError, ValueError, CheckpointCorrupt) as err:  # each names the file or flag at fault
+        print(f"phi3v-ray: {err}", file=sys.stderr)
+        return 2
+
+
 def _tiny(args) -> int:
     from .tiny import write_tiny_checkpoint
 
@@ -108,6 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model for an adapter (default: the run's checkpoint setting)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("predict", help="answer a question about images or a video (or a jsonl of records), on the CPU")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--checkpoint", help="a run's checkpoint directory (model/ or adapter/) or an exported folder")
+    where.add_argument("--run", help="a run directory: its newest checkpoint that verifies")
+    p.add_argument("--base", help="base model for an adapter (default: the run's checkpoint setting)")
+    p.add_argument("--question", help="what to ask; the images' tags are put first unless it has <|image_k|> tags")
+    p.add_argument("--image", nargs="+", action="extend", metavar="PATH", help="one or more images, in tag order")
+    p.add_argument("--video", help="a video file: its frames are sampled as in the ucf101 recipe (PyAV)")
+    p.add_argument("--frames", type=int, default=8, help="frames taken from --video (default 8)")
+    p.add_argument("--jsonl", help="records in the project's jsonl format: one prediction per record (first turn)")
+    p.add_argument("--images-root", help="folder the records' image paths are relative to (default: the jsonl's)")
+    p.add_argument("--out", help="with --jsonl: where the predictions go (jsonl)")
+    p.add_argument("--max-new-tokens", type=int, help="generation length cap (default: the run's max_new_tokens, or 64)")
+    p.add_argument("--num-crops", type=int, help="HD crop budget per image (default: the run's num_crops)")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("tiny", help="write a tiny random checkpoint in the official layout")
     p.add_argument("--out", required=True)

@@ -7,6 +7,7 @@
                   down_proj and lm_head, plus (unless the vision side is frozen) CLIP's q/k/v/out_proj,
                   fc1, fc2 and img_projection.0/.2.
 - qlora:          lora on a 4-bit NF4 base (the base is quantized when loading, see `load_model`).
+                  On CPUs the base keeps bitsandbytes' plain 4-bit layout (`keep_plain_4bit_layout`).
 
 In every mode CLIP's last encoder layer and post_layernorm stay frozen: the model reads
 hidden_states[-2], so they never get a gradient, and DDP would stall waiting for one.
@@ -85,6 +86,24 @@ def apply_mode(
             trainable = False
         param.requires_grad_(trainable)
     return base
+
+
+def keep_plain_4bit_layout(model: nn.Module) -> int:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights; returns how many layers it touched.
+
+    On CPUs with AVX512-BF16, bitsandbytes ≥ 0.49 repacks a Linear4bit's weight in place the first time
+    it runs in eval mode without grad (generation). The repacking needs in_features to be a multiple of
+    the quantization block (64): the tiny model's 32-wide CLIP layers fail with "shape '[32, 0]' is
+    invalid". The repacked layout also stays after `model.train()`, where its kernel has no backward
+    (bitsandbytes issue #2078 lists more of its hazards). Evaluation runs between training steps, so the
+    base keeps the one layout training uses, on every CPU.
+    """
+    touched = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            touched += 1
+    return touched
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

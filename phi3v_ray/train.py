@@ -31,7 +31,8 @@ from .engine import DTYPES, build_engine, load_trainable_weights, train_step
 from .failures import DeterministicFailure
 from .hardware import HardwareChoice, detect_gpu, log_choice, resolve_hardware
 from .memory import plan_for_config
-from .modes import LoraSettings, Mode, apply_mode, cast_trainable, count_parameters, enable_gradient_checkpointing
+from .modes import (LoraSettings, Mode, apply_mode, cast_trainable, count_parameters, enable_gradient_checkpointing,
+                    keep_plain_4bit_layout)
 from .tracking import MetricLogger, say
 
 
@@ -79,6 +80,8 @@ def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, check
     else:
         kwargs["dtype"] = torch.float32  # fp32 master weights; compute is autocast or DeepSpeed's half copy
     model = Phi3VForCausalLM.from_pretrained(checkpoint_dir, local_files_only=True, **kwargs)
+    if mode is Mode.QLORA:
+        keep_plain_4bit_layout(model)  # CPU generation would repack the 4-bit weights, see there
     model = apply_mode(
         model, mode, LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_vision), cfg.freeze_text_embedding
     )

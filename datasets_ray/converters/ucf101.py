@@ -65,38 +65,46 @@ def _read_list(path: Path) -> list[str]:
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
-def _extract(video: Path, out_paths: list[Path], quality: int) -> None:
-    """Decode `video` and save the sampled frames to `out_paths` as JPEG."""
+def sample_frames(video: Path, n: int = NUM_FRAMES) -> list:
+    """The recipe's n frames of a video (indices floor(k*T/n), T = decoded frame count) as PIL images.
+
+    Decoded with PyAV. The header's frame count is used only when decoding confirms it; otherwise a
+    second pass samples from the true count. Short videos repeat a frame. Raises ConversionError
+    naming the video when it has no video stream or no decodable frame, or cannot be decoded.
+    """
     import av
 
-    def one_pass(total: int | None) -> int:
-        want = {} if not total else {idx: k for k, idx in enumerate(frame_indices(total))}
-        count = 0
+    def one_pass(total: int | None) -> tuple[int, list]:
+        wanted = frame_indices(total, n) if total else []
+        images, count = {}, 0
         with av.open(str(video)) as container:
-            stream = container.streams.video[0]
-            for frame in container.decode(stream):
-                if count in want:
-                    img = frame.to_image()
-                    for k, idx in enumerate(frame_indices(total)):
-                        if idx == count:  # short videos sample one frame more than once
-                            img.save(out_paths[k], format="JPEG", quality=quality)
+            for frame in container.decode(container.streams.video[0]):
+                if count in wanted:
+                    images[count] = frame.to_image()
                 count += 1
-        return count
+        return count, [images[i] for i in wanted if i in images]
 
     try:
         with av.open(str(video)) as container:
             if not container.streams.video:
                 raise ConversionError(f"{video}: no video stream")
             header_total = container.streams.video[0].frames
-        decoded = one_pass(header_total)
+        decoded, frames = one_pass(header_total)
         if decoded != header_total:  # header missing or wrong: sample again from the true count
             if decoded == 0:
                 raise ConversionError(f"{video}: no decodable frames")
-            one_pass(decoded)
+            _, frames = one_pass(decoded)
+        return frames
     except ConversionError:
         raise
     except Exception as e:  # PyAV raises its own error types for broken files
         raise ConversionError(f"{video}: cannot decode video ({type(e).__name__}: {e})") from None
+
+
+def _extract(video: Path, out_paths: list[Path], quality: int) -> None:
+    """Decode `video` and save the sampled frames to `out_paths` as JPEG."""
+    for image, path in zip(sample_frames(video, len(out_paths)), out_paths, strict=True):
+        image.save(path, format="JPEG", quality=quality)
 
 
 def convert_ucf101(
