@@ -54,8 +54,13 @@ def _metrics(cfg: TrainConfig) -> dict[int, dict]:
 
 @pytest.mark.parametrize("mode", ["full", "frozen_vision", "lora", "qlora"])
 def test_each_mode_trains_three_steps_with_two_workers(ray_local, tmp_path, demo_data, tiny_ckpt, mode):
-    cfg = _cfg(tmp_path, demo_data, tiny_ckpt, mode=mode)
+    # QLoRA also evaluates: generation on its 4-bit base inside the workers (CPU QLoRA generation once crashed)
+    evaluation = dict(val_file=str(demo_data / "val.jsonl"), eval_max_samples=4, max_new_tokens=2) if mode == "qlora" else {}
+    cfg = _cfg(tmp_path, demo_data, tiny_ckpt, mode=mode, **evaluation)
     result = run_training(cfg, start_ray=False)
+    if evaluation:
+        after = json.loads((Path(cfg.storage_path) / cfg.name / "artifacts" / "eval" / "after.json").read_text())
+        assert after["scores"]["val/n"] == 4 and all(isinstance(p["raw"], str) for p in after["predictions"])
     metrics = _metrics(cfg)
     assert sorted(metrics) == [1, 2, 3]
     assert all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics.values())
