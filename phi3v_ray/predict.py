@@ -210,6 +210,8 @@ def run_cli(args) -> int:
             raise ValueError("give --question (with --image or --video), or --jsonl")
         if args.image and args.video:
             raise ValueError("give --image or --video, not both")
+        if args.video and args.frames < 1:
+            raise ValueError(f"--frames {args.frames}: take at least one frame of the video")
         images = video_frames(args.video, args.frames) if args.video else load_images(args.image or [])
     predictor = load_predictor(args.checkpoint, args.run, args.base, args.num_crops)
     if args.jsonl:

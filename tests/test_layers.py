@@ -28,7 +28,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("phi3v_ray", "datasets_ray", "tune_spaces")
 HEAVY = ("torch", "numpy", "ray", "transformers")
-DRIVER = {"phi3v_ray/launch.py", "phi3v_ray/cli.py"}  # build the datasets and wire the convert CLI
+# build the datasets, wire the convert CLI, sample a video's frames as the ucf101 converter does (predict)
+DRIVER = {"phi3v_ray/launch.py", "phi3v_ray/cli.py", "phi3v_ray/predict.py"}
 
 
 def _files(*patterns: str) -> list[Path]:

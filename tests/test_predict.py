@@ -180,6 +180,7 @@ def test_cli_names_the_missing_or_damaged_file(lora, demo_data, tmp_path, capsys
         (["--checkpoint", str(ckpt), "--video", str(tmp_path / "clip.avi"), "--question", "q"], "clip.avi: no such file"),
         (["--checkpoint", str(ckpt), "--jsonl", str(demo_data / "val.jsonl")], "--jsonl needs --out"),
         (["--checkpoint", str(ckpt), "--image", str(tmp_path / "x.png")], "give --question"),
+        (["--checkpoint", str(ckpt), "--video", "v.avi", "--frames", "0", "--question", "q"], "--frames 0"),
     ]
     (tmp_path / "not-an-image.png").write_bytes(b"text")
     cases.append((["--checkpoint", str(ckpt), "--image", str(tmp_path / "not-an-image.png"), "--question", "q"],
