@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="answer a question about images or a video (or a jsonl of records), on the CPU")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--checkpoint", help="a run's checkpoint directory (model/ or adapter/) or an exported folder")
-    where.add_argument("--run", help="a run directory: its newest checkpoint that verifies")
+    where.add_argument("--checkpoint", help="a checkpoint directory (or its model/ or adapter/), or an exported folder")
+    where.add_argument("--run", help="a run directory: its newest finished checkpoint")
     p.add_argument("--base", help="base model for an adapter (default: the run's checkpoint setting)")
     p.add_argument("--question", help="what to ask; the images' tags are put first unless it has <|image_k|> tags")
     p.add_argument("--image", nargs="+", action="extend", metavar="PATH", help="one or more images, in tag order")

@@ -1,16 +1,15 @@
 """`phi3v-ray predict`: ask a trained model about images or a video, in this process, on the CPU.
 
     phi3v-ray predict --checkpoint runs/x/checkpoint_… --image page.png --question "What is the total?"
-    phi3v-ray predict --run runs/x --video clip.avi --question "Which way does the square move?"
+    phi3v-ray predict --run runs/x --video clip.avi --question "Which way does the square move?"    # its newest
     phi3v-ray predict --checkpoint exported/ --jsonl test.jsonl --images-root data/images --out preds.jsonl
 
-What the model can come from:
-  - a run's checkpoint directory (train_state.json, manifests), verified first. model/ (full,
-    frozen_vision) loads on its own; adapter/ (LoRA, QLoRA) and trainable.safetensors (an
-    unfinished full run) load on top of the base named in the run's config (`checkpoint`) or `--base`,
-    in the run's mode: what `phi3v-ray eval` does (`load_model` + `load_trainable_weights`);
-  - `--run`: a run directory, its newest checkpoint that verifies and holds weights;
-  - any folder in the official layout (config.json + safetensors), such as `phi3v-ray export`'s.
+The model is the one `phi3v-ray eval checkpoint=…` evaluates (`resolve.eval_target`): a run directory
+(its newest finished checkpoint), a checkpoint directory or its model/ or adapter/, verified first, or
+any folder in the official layout such as `phi3v-ray export`'s. model/ (full, frozen_vision) loads on
+its own; adapter/ (LoRA, QLoRA) and trainable.safetensors go on top of the base named by the run's
+`checkpoint` setting (or `--base`), in the run's mode, as evaluation loads them (`load_model` +
+`load_trainable_weights`). The run's num_crops, system prompt and max_new_tokens apply.
 
 A question's prompt is `build_generation_prompt`'s; a jsonl record's is evaluation's (`build_example`
 then `prompt_row`: the first turn), and the answers are `generate_answers`' (greedy). Ray is not used.
@@ -24,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from .checkpointing import STATE_FILE, check_checkpoint, verify_checkpoint
 
 
 @dataclass
@@ -57,65 +54,31 @@ class Predictor:
 
 
 # ----------------------------------------------------------------------------- loading
-def load_predictor(checkpoint: str | Path | None = None, run: str | Path | None = None, base: str | Path | None = None,
-                   num_crops: int | None = None) -> Predictor:
-    """The model of a checkpoint, a run's newest checkpoint, or an official-layout folder, on the CPU."""
-    from .config import TrainConfig
+def load_predictor(checkpoint: str | Path, base: str | Path | None = None, num_crops: int | None = None) -> Predictor:
+    """The model `phi3v-ray eval checkpoint=…` would evaluate (`resolve.eval_target`: a run, a checkpoint,
+    its model/ or adapter/, or an official-layout folder), loaded on the CPU; `base` replaces the
+    adapter's base model recorded with the run."""
+    from .config import read_config
     from .engine import load_trainable_weights
     from .hardware import resolve_hardware
     from .processor import Phi3VProcessor
+    from .resolve import eval_target
     from .train import load_model
 
-    if (run is None) == (checkpoint is None):
-        raise ValueError("give exactly one of --run or --checkpoint")
-    path = newest_usable_checkpoint(_local(run, "run directory")) if run else _local(checkpoint, "checkpoint")
-    hw = resolve_hardware(None, "fp32", "sdpa")
-    cpu = torch.device("cpu")
-    if not (path / STATE_FILE).is_file():  # an exported folder, or any checkpoint in the official layout
-        if not (path / "config.json").is_file():
-            hint = " (a run directory: use --run)" if any(path.glob("checkpoint_*")) else ""
-            raise FileNotFoundError(f"{path}: neither a run's checkpoint ({STATE_FILE}) nor a model folder "
-                                    f"(config.json){hint}")
-        model = load_model(TrainConfig.from_flat(mode="full"), hw, cpu, str(path), training=False)
-        processor = Phi3VProcessor.from_pretrained(path, num_crops=num_crops)
-        return Predictor(model, processor, path)
-
-    check_checkpoint(path)  # CheckpointCorrupt naming the file: never answer from damaged weights
-    cfg = TrainConfig.from_dict(json.loads((path / STATE_FILE).read_text())["config"])
-    if (path / "model").is_dir():  # the whole model in the official layout: no base needed
-        weights = path / "model"
-        model = load_model(cfg, hw, cpu, str(weights), training=False)
-    else:
-        if not ((path / "adapter").is_dir() or (path / "trainable.safetensors").is_file()):
-            raise FileNotFoundError(f"{path}: holds no weights predict can load (model/, adapter/ or "
-                                    "trainable.safetensors); an unfinished ZeRO-2 run has only deepspeed/ shards: "
-                                    "give a final checkpoint")
-        weights = _local(base or cfg.checkpoint, "base model (the run's `checkpoint`; override with --base)")
-        model = load_model(cfg, hw, cpu, str(weights), training=False)
-        load_trainable_weights(model, path)
-    processor = Phi3VProcessor.from_pretrained(weights, num_crops=num_crops or cfg.data.num_crops)
-    return Predictor(model, processor, path, system=cfg.data.system, max_new_tokens=cfg.max_new_tokens,
-                     batch=cfg.eval_batch)
-
-
-def newest_usable_checkpoint(run_dir: Path) -> Path:
-    """The run's newest checkpoint that passes verification and holds weights; skipped ones are named on stderr.
-
-    `choose_checkpoint` (resume) also takes a checkpoint that holds only DeepSpeed shards; prediction cannot.
-    """
-    from .storage import list_checkpoints
-
-    skipped = []
-    for candidate in map(Path, list_checkpoints(str(run_dir))):
-        problems = verify_checkpoint(candidate)
-        if not problems and not any((candidate / n).exists() for n in ("model", "adapter", "trainable.safetensors")):
-            problems = ["holds only DeepSpeed shards (model/, adapter/ or trainable.safetensors needed)"]
-        if not problems:
-            return candidate
-        skipped.append(f"{candidate.name}: {'; '.join(problems)}")
-        print(f"[phi3v-ray] skipping checkpoint {candidate}: " + "; ".join(problems), file=sys.stderr)
-    raise FileNotFoundError(f"{run_dir}: no checkpoint to predict with" + (": " + " | ".join(skipped) if skipped else
-                                                                           " (no checkpoint_* directories)"))
+    target = eval_target(str(_local(checkpoint, "checkpoint")))  # verifies a run's checkpoint (CheckpointCorrupt)
+    cfg, unknown = read_config(None, None, base=target.settings or {"mode": "full"})  # plain weights: as they are
+    if unknown:  # settings stored by another version of phi3v-ray: the ones this version knows apply
+        print("[phi3v-ray] ignored stored settings: " + "; ".join(map(str, unknown)), file=sys.stderr)
+    weights = Path(target.weights)
+    if target.trained:
+        weights = _local(base or target.weights, "base model (the run's `checkpoint` setting; override with --base)")
+    model = load_model(cfg, resolve_hardware(None, "fp32", "sdpa"), torch.device("cpu"), str(weights), training=False)
+    if target.trained:
+        load_trainable_weights(model, Path(target.trained))
+    crops = num_crops or (cfg.data.num_crops if target.settings else None)  # None: the folder's preprocessor_config
+    settings = dict(system=cfg.data.system, max_new_tokens=cfg.max_new_tokens, batch=cfg.eval_batch) if target.settings else {}
+    return Predictor(model, Phi3VProcessor.from_pretrained(weights, num_crops=crops),
+                     Path(target.trained or target.weights), **settings)
 
 
 def _local(path: str | Path, what: str) -> Path:
@@ -213,7 +176,7 @@ def run_cli(args) -> int:
         if args.video and args.frames < 1:
             raise ValueError(f"--frames {args.frames}: take at least one frame of the video")
         images = video_frames(args.video, args.frames) if args.video else load_images(args.image or [])
-    predictor = load_predictor(args.checkpoint, args.run, args.base, args.num_crops)
+    predictor = load_predictor(args.checkpoint or args.run, args.base, args.num_crops)
     if args.jsonl:
         n = predict_jsonl(predictor, args.jsonl, args.out, args.images_root, args.max_new_tokens)
         print(f"[phi3v-ray] wrote {n} predictions to {Path(args.out).resolve()} (model: {predictor.source})",

@@ -24,7 +24,7 @@ from phi3v_ray.engine import build_engine, train_step
 from phi3v_ray.evaluate import generate_answers
 from phi3v_ray.examples import build_example, build_generation_prompt
 from phi3v_ray.hardware import resolve_hardware
-from phi3v_ray.predict import load_images, load_predictor, newest_usable_checkpoint, video_frames
+from phi3v_ray.predict import load_images, load_predictor, video_frames
 from phi3v_ray.processor import Phi3VProcessor
 from phi3v_ray.train import load_model
 
@@ -126,21 +126,6 @@ def test_an_exported_folder_answers_as_its_adapter_checkpoint(lora, demo_data, t
         _ask_all(load_predictor(checkpoint=ckpt), demo_data, records)
 
 
-def test_a_run_directory_gives_its_newest_checkpoint_that_verifies(lora, tmp_path, capfd):
-    ckpt, _ = lora
-    run = tmp_path / "run"
-    older, newer = run / "checkpoint_2026-01-01_00-00-01.000000", run / "checkpoint_2026-01-01_00-00-02.000000"
-    shutil.copytree(ckpt, older)
-    shutil.copytree(ckpt, newer)
-    (newer / "adapter" / "adapter_model.safetensors").write_bytes(b"half")
-    assert newest_usable_checkpoint(run) == older
-    assert f"skipping checkpoint {newer}" in capfd.readouterr().err
-    shutil.rmtree(older / "adapter")
-    (older / "manifest_rank0.json").write_text(json.dumps({"rank": 0, "world_size": 1, "files": {}}))
-    with pytest.raises(FileNotFoundError, match="no checkpoint to predict with.*holds only DeepSpeed shards"):
-        newest_usable_checkpoint(run)
-
-
 # ----------------------------------------------------------------------------- the command line
 def test_cli_prints_the_answer_of_a_run_for_paths_relative_to_the_current_directory(lora, demo_data, monkeypatch, capsys):
     ckpt, _ = lora
@@ -176,7 +161,7 @@ def test_cli_names_the_missing_or_damaged_file(lora, demo_data, tmp_path, capsys
     cases = [
         (["--checkpoint", str(ckpt), "--image", str(tmp_path / "nope.png"), "--question", "q"], "nope.png: no such file"),
         (["--checkpoint", str(tmp_path / "missing"), "--question", "q"], "missing: no such directory"),
-        (["--checkpoint", str(ckpt.parent), "--question", "q"], "a run directory: use --run"),
+        (["--checkpoint", str(tmp_path), "--question", "q"], "neither a run, a checkpoint, nor a folder of weights"),
         (["--checkpoint", str(ckpt), "--video", str(tmp_path / "clip.avi"), "--question", "q"], "clip.avi: no such file"),
         (["--checkpoint", str(ckpt), "--jsonl", str(demo_data / "val.jsonl")], "--jsonl needs --out"),
         (["--checkpoint", str(ckpt), "--image", str(tmp_path / "x.png")], "give --question"),
@@ -193,6 +178,10 @@ def test_cli_names_the_missing_or_damaged_file(lora, demo_data, tmp_path, capsys
     damaged = shutil.copytree(ckpt, tmp_path / "damaged")
     (damaged / "adapter" / "adapter_model.safetensors").write_bytes(b"half")
     cases.append((["--checkpoint", str(damaged), "--question", "q"], "adapter_model.safetensors: 4 bytes"))
+    run = tmp_path / "run"  # its newest finished checkpoint is damaged: named, never an older one silently
+    shutil.copytree(ckpt, run / "checkpoint_2026-01-01_00-00-01.000000")
+    shutil.copytree(damaged, run / "checkpoint_2026-01-01_00-00-02.000000")
+    cases.append((["--run", str(run), "--question", "q"], "00-02.000000/adapter/adapter_model.safetensors: 4 bytes"))
     for args, message in cases:
         assert main(["predict", *args]) == 2, args
         err = capsys.readouterr().err
