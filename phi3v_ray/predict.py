@@ -120,17 +120,12 @@ def video_frames(path, n: int | None = None) -> list:
 
 
 # ----------------------------------------------------------------------------- jsonl
-def predict_jsonl(predictor: Predictor, jsonl, out, images_root=None, max_new_tokens: int | None = None) -> int:
-    """One prediction per record of a jsonl in the project's schema (first turn, as evaluation); returns the count.
+def read_records(jsonl, images_root=None) -> tuple[list[dict], Path]:
+    """(the validated records of a jsonl in the project's schema, the folder their image paths start from).
 
-    Records are validated first (BadRecord names the file, line and reason). Each output line:
-    {"id", "task", "prediction", "raw", "answers", "p_yes"}, evaluation's keys.
+    The images root defaults to the jsonl's folder. BadRecord names the file, line and reason.
     """
-    from datasets_ray.schema import validate_file, write_jsonl
-
-    from .evaluate import prompt_row
-    from .examples import build_example
-    from .metrics import clean_prediction
+    from datasets_ray.schema import validate_file
 
     jsonl = Path(jsonl).expanduser().resolve()
     if not jsonl.is_file():
@@ -138,7 +133,19 @@ def predict_jsonl(predictor: Predictor, jsonl, out, images_root=None, max_new_to
     root = Path(images_root).expanduser().resolve() if images_root else jsonl.parent
     if not root.is_dir():
         raise FileNotFoundError(f"images root {root}: no such directory")
-    records, _ = validate_file(jsonl, root)
+    return validate_file(jsonl, root)[0], root
+
+
+def predict_jsonl(predictor: Predictor, records: list[dict], root: Path, out, max_new_tokens: int | None = None) -> int:
+    """One prediction per record (its first turn, prompted as evaluation does), written to `out`; returns the count.
+
+    Each line has evaluation's keys: {"id", "task", "prediction", "raw", "answers", "p_yes"}.
+    """
+    from datasets_ray.schema import write_jsonl
+
+    from .evaluate import prompt_row
+    from .examples import build_example
+    from .metrics import clean_prediction
 
     def predictions():
         for start in range(0, len(records), predictor.batch):
@@ -168,6 +175,7 @@ def run_cli(args) -> int:
             raise ValueError("--jsonl takes the questions and images from its records: drop --question/--image/--video")
         if not args.out:
             raise ValueError("--jsonl needs --out (the predictions file)")
+        records, root = read_records(args.jsonl, args.images_root)
     else:
         if not args.question:
             raise ValueError("give --question (with --image or --video), or --jsonl")
@@ -178,7 +186,7 @@ def run_cli(args) -> int:
         images = video_frames(args.video, args.frames) if args.video else load_images(args.image or [])
     predictor = load_predictor(args.checkpoint or args.run, args.base, args.num_crops)
     if args.jsonl:
-        n = predict_jsonl(predictor, args.jsonl, args.out, args.images_root, args.max_new_tokens)
+        n = predict_jsonl(predictor, records, root, args.out, args.max_new_tokens)
         print(f"[phi3v-ray] wrote {n} predictions to {Path(args.out).resolve()} (model: {predictor.source})",
               file=sys.stderr)
         return 0
