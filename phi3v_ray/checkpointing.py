@@ -6,11 +6,11 @@
       adapter/ | trainable.safetensors + optimizer.pt    DDP engine (rank 0)
       deepspeed/              DeepSpeed engine (every rank writes its optimizer shard)
       model/ | adapter/       final weights in the official layout / PEFT format (final checkpoint)
+      manifest_rank{r}.json   written last by each rank: size and SHA-256 of every file that rank wrote
 
 The weights are stored once: a final checkpoint of the DDP engine has model/ instead of
 trainable.safetensors (resume reads the trained weights from there, `load_trainable_weights`), and
 LoRA's adapter/ serves both.
-      manifest_rank{r}.json   written last by each rank: size and SHA-256 of every file that rank wrote
 
 Each rank writes its pieces into its own temporary directory and hands it to `ray.train.report`,
 which merges them into one checkpoint directory in storage. A checkpoint is complete when all
