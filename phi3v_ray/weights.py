@@ -64,7 +64,7 @@ def local_checkpoint(path: str, processor_only: bool = False) -> str:
             raise FileNotFoundError(f"{path}: no files (expected a checkpoint directory on storage)")
         if _cached_matches(target, path, listing):
             return str(target)
-        _download(path, listing, target)
+        _download(path, listing, target, complete=not processor_only)
     return str(target)
 
 
@@ -101,7 +101,7 @@ def _cached_matches(target: Path, uri: str, listing: dict[str, tuple[int, int]])
     return True
 
 
-def _download(uri: str, listing: dict[str, tuple[int, int]], target: Path) -> None:
+def _download(uri: str, listing: dict[str, tuple[int, int]], target: Path, complete: bool = True) -> None:
     fs, inner = filesystem(uri)
     partial = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
@@ -123,6 +123,8 @@ def _download(uri: str, listing: dict[str, tuple[int, int]], target: Path) -> No
         expected = _read_checksums(partial / CHECKSUM_FILE) if CHECKSUM_FILE in listing else {}
         for rel, want in expected.items():
             if rel not in hashes:
+                if not complete:  # processor files only: the weights it lists are not fetched here
+                    continue
                 raise CheckpointDownloadError(f"{uri}/{CHECKSUM_FILE} lists {rel}, which is not in the checkpoint")
             if hashes[rel] != want:
                 raise CheckpointDownloadError(f"{uri}/{rel}: sha256 {hashes[rel]}, {CHECKSUM_FILE} says {want}")
