@@ -138,7 +138,8 @@ def _download(uri: str, listing: dict[str, tuple[int, int]], target: Path, compl
         raise
     total = sum(s for s, _ in listing.values())
     with open(target.parent / "downloads.log", "a") as log:  # one line per download: what operators (and tests) count
-        log.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "source": uri, "files": len(listing),
+        log.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "source": uri, "kind": target.name,
+                              "files": len(listing),
                               "bytes": total, "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
 
 
