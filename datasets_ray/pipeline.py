@@ -196,14 +196,8 @@ class ParquetInput:
     """What the actors need to read a split's Parquet shards: the shards, and the rows the driver refused."""
 
     shards: tuple[str, ...]  # as the user named them (URIs keep their scheme)
-    skip: frozenset = frozenset()  # (shard path inside its filesystem, row) of every bad row
-
-    def source(self, inner: str) -> str:
-        """The shard's name as the user gave it, from the path Ray Data reports (no scheme)."""
-        for shard in self.shards:
-            if filesystem(shard)[1] == inner:
-                return shard
-        return inner
+    inner: tuple[str, ...]  # the same shards as paths inside their filesystem (what Ray Data's "path" column holds)
+    skip: frozenset = frozenset()  # (inner path, row) of every bad row
 
 
 def write_manifest(data: DataConfig, paths: DataPaths, files: Sequence[str], split: str) -> Manifest:
@@ -257,7 +251,8 @@ def write_manifest(data: DataConfig, paths: DataPaths, files: Sequence[str], spl
     write_jsonl(manifest, rows)
     plan = None
     if parquet:
-        plan = ParquetInput(tuple(p for p, _ in sources), frozenset((filesystem(p)[1], line) for p, line in refused))
+        inner = {p: filesystem(p)[1] for p, _ in sources}
+        plan = ParquetInput(tuple(inner), tuple(inner.values()), frozenset((inner[p], line) for p, line in refused))
     return Manifest(manifest, len(rows), len(quarantined), qpath, plan)
 
 
@@ -315,6 +310,7 @@ class Phi3VPreprocessor:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         self._quarantine_path = None
         self._quarantined: list[str] = []
+        self._dirty = False
 
     def fetch(self, rel: str) -> bytes:
         """One image's bytes from object storage; a missing object is a DecodeError, denied access is not."""
@@ -404,7 +400,8 @@ class Phi3VPreprocessor:
         out: dict[str, list] = {k: [] for k in columns}
         if self.parquet is not None:  # a batch of shard rows: skip what the driver refused, images are embedded
             keep = [i for i, (p, r) in enumerate(zip(batch["path"], batch["row"])) if (str(p), int(r)) not in self.parquet.skip]
-            files = [self.parquet.source(str(batch["path"][i])) for i in keep]
+            names = dict(zip(self.parquet.inner, self.parquet.shards))
+            files = [names.get(str(batch["path"][i]), str(batch["path"][i])) for i in keep]
             lines = [batch["row"][i] for i in keep]
             texts = [batch["record"][i] for i in keep]
             ids = [batch["id"][i] for i in keep]
@@ -452,7 +449,7 @@ class Phi3VPreprocessor:
 
     def _flush_quarantine(self) -> None:
         """Rewrite the part file whole after a batch that added entries (a rename, or one upload: never half a line)."""
-        if getattr(self, "_dirty", False):
+        if self._dirty:
             write_text(self._quarantine_path, "".join(self._quarantined))
             self._dirty = False
 

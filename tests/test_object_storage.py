@@ -334,7 +334,9 @@ def bucket_cluster(s3, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_train_from_a_bucket_with_no_shared_filesystem(s3, bucket, bucket_cluster, tmp_path):
     """`phi3v-ray train` with data, images, weights and runs all in the bucket, on four raylets; the driver's
-    working directory is deleted as soon as it starts, so nothing can read a driver-local path."""
+    working directory stays empty until the datasets are planned and is then deleted, before any worker, actor
+    or read task starts, so nothing can read a driver-local path. (Ray's own connect and MKL's loader need
+    the working directory to exist while the driver starts.)"""
     from datasets_ray.pipeline import quarantine_report
     from phi3v_ray.storage import list_names, read_text
 
@@ -360,8 +362,14 @@ def test_train_from_a_bucket_with_no_shared_filesystem(s3, bucket, bucket_cluste
     env = dict(os.environ, PHI3V_CACHE_DIR=str(tmp_path / "driver-cache"), PYTHONPATH=str(Path(__file__).parents[1]))
     proc = subprocess.Popen([str(cli), "train", *overrides], cwd=driver_dir, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    shutil.rmtree(driver_dir)  # gone before the driver reads anything: a driver-local path would fail
-    out, _ = proc.communicate(timeout=900)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[phi3v-ray] run bucket-run:"):  # datasets planned, nothing read or trained yet
+            assert list(driver_dir.iterdir()) == []  # no manifest, quarantine or cache was written here
+            shutil.rmtree(driver_dir)  # from now on a driver-local path would fail, on the driver and everywhere
+            break
+    out = "".join(lines) + proc.communicate(timeout=900)[0]
     print(out[-6000:])
     assert proc.returncode == 0, out[-4000:]
     assert not driver_dir.exists()
