@@ -505,6 +505,9 @@ def build_dataset(
             list(manifest.parquet.shards), columns=list(SHARD_COLUMNS), include_paths=True,
             num_cpus=READ_NUM_CPUS, ray_remote_args={"resources": resources} if resources else None,
         )
+        # A shard reads as one big block; cut it (streaming) into blocks of one preprocessing batch so that
+        # every actor gets work and rows leave an actor batch by batch, as with the jsonl manifest.
+        ds = ds.repartition(target_num_rows_per_block=data.preprocess_batch_size)
     else:
         ds = ray.data.read_json(
             str(manifest.path), override_num_blocks=num_blocks, num_cpus=READ_NUM_CPUS, resources=resources
