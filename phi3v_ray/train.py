@@ -183,7 +183,7 @@ DETERMINISTIC_CAUSES = (("bad record", BadRecord), ("corrupt checkpoint", Checkp
 
 
 def _deterministic_cause(err: BaseException) -> tuple[str, str | None]:
-    """("bad record" | "corrupt checkpoint", its message) when no retry can fix err, else ("", None).
+    """(kind from DETERMINISTIC_CAUSES, its message) when no retry can fix err, else ("", None).
 
     A bad record raised in a Ray Data actor reaches the worker as a RayTaskError whose cause chain
     holds only text: the remote traceback's `BadRecord: <file>:<line> (id=...): <reason>` line.
