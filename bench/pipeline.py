@@ -14,12 +14,20 @@ on the CPU). One invocation measures, for each layout:
                    for each N in --actors; "steady" counts records after the first batch over the
                    time after it (what a long epoch sees), "wall" includes actor start-up
 
+`--sources` runs the records/s rows from more than local files (issue #12): `bucket` is the same
+jsonl + images and tokenizer in an S3 bucket, `parquet` the same records as Parquet shards with the
+images embedded (`datasets_ray/shards.py`) in that bucket; the bucket is an S3-compatible server
+(moto, `pip install 'moto[server]'`, the test extra) started on 127.0.0.1 for the run, which
+shares this machine's cores with the pipeline (a real bucket does not). Goal: bucket within 1.2×
+of local files.
+
 Pages are synthetic, generated on the fly (nothing downloaded): 1700×2200 white pages with lines
 of dark "words", saved as PNG like DocVQA's scans, one question each, at num_crops 16 (a page is
 [1344, 1344]: 16 crops, 2509 image tokens). `--data demo` runs the demo records instead.
 
     python bench/pipeline.py --out bench/results/pipeline_docvqa.json     # 48 pages, actors 1,2,4
     python bench/pipeline.py --data demo --num-crops 4 --records 200 --actors 1,2
+    python bench/pipeline.py --layouts uint8 --actors 2 --sources local,bucket,parquet,local --skip-cpu
 """
 
 from __future__ import annotations
@@ -147,7 +155,8 @@ def run_ray(data: DataConfig, paths: DataPaths, micro_batch: int, actors: int) -
             t_first, n_first = time.perf_counter(), n
     t_end = time.perf_counter()
     steady = (n - n_first) / (t_end - t_first) if t_end > t_first and n > n_first else float("nan")
-    return {"layout": data.pixel_format, "actors": actors, "records": n, "wall_s": round(t_end - t0, 2),
+    source = "parquet" if not data.images_root else "bucket" if "://" in data.images_root else "local"
+    return {"source": source, "layout": data.pixel_format, "actors": actors, "records": n, "wall_s": round(t_end - t0, 2),
             "first_batch_s": round(t_first - t0, 2), "records_per_s": round(n / (t_end - t0), 2),
             "steady_records_per_s": round(steady, 2), "load_avg_1m": round(os.getloadavg()[0], 1)}
 
@@ -164,6 +173,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="minimum timed CPU seconds per cpu-per-page case")
     ap.add_argument("--workdir", default=None, help="where data and checkpoint go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="also write the results as json here")
+    ap.add_argument("--sources", default="local", help="comma-separated: local (files), bucket (jsonl + images in S3), "
+                    "parquet (Parquet shards in S3); the S3 runs start a local S3 server")
+    ap.add_argument("--skip-cpu", action="store_true", help="skip the cpu-per-page and bytes-per-row measurements")
     args = ap.parse_args(argv)
 
     import ray
@@ -181,16 +193,27 @@ def main(argv=None) -> None:
     layouts = [s for s in args.layouts.split(",") if s]
     paths = DataPaths(processor_dir=str(ckpt), work_dir=str(work / "manifests"))
 
-    def data_config(n_actors: int, layout: str) -> DataConfig:
+    sources = [s for s in args.sources.split(",") if s]
+    remote = _start_bucket(work, ckpt, root) if set(sources) - {"local"} else None
+    inputs = {"local": (str(root / "train.jsonl"), str(root / "images"), paths)}
+    if remote is not None:
+        bucket_paths = DataPaths(processor_dir=remote["ckpt"], work_dir=remote["work"])
+        inputs["bucket"] = (remote["train"], remote["images"], bucket_paths)
+        inputs["parquet"] = (remote["parquet"], "", bucket_paths)
+
+    def data_config(n_actors: int, layout: str, source: str = "local") -> DataConfig:
+        train, images, _ = inputs[source]
         return DataConfig(
-            train_file=str(root / "train.jsonl"), images_root=str(root / "images"), num_crops=args.num_crops,
+            train_file=train, images_root=images, num_crops=args.num_crops,
             preprocess_actors=n_actors, preprocess_cpus=1.0, preprocess_batch_size=args.batch_size,
             pixel_format=layout,
         )
 
-    processor = Phi3VProcessor.from_pretrained(ckpt, num_crops=args.num_crops)
-    cpu = cpu_per_page(processor, data_config(1, "uint8"), args.seconds)
-    _table(cpu, ("case", "layout", "cpu_ms_per_page", "pages_per_cpu_s"))
+    cpu = []
+    if not args.skip_cpu:
+        processor = Phi3VProcessor.from_pretrained(ckpt, num_crops=args.num_crops)
+        cpu = cpu_per_page(processor, data_config(1, "uint8"), args.seconds)
+        _table(cpu, ("case", "layout", "cpu_ms_per_page", "pages_per_cpu_s"))
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     for attempt in range(3):  # a local Ray can time out starting on a loaded machine
         try:
@@ -202,16 +225,20 @@ def main(argv=None) -> None:
                 raise
             print(f"ray.init failed ({e}); retrying", file=sys.stderr)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    sizes = [bytes_per_row(data_config(1, layout), paths, rows=4) for layout in layouts]
-    runs = [run_ray(data_config(n, layout), paths, args.micro_batch, n) for layout in layouts for n in actors]
+    sizes = [] if args.skip_cpu else [bytes_per_row(data_config(1, layout), paths, rows=4) for layout in layouts]
+    runs = [run_ray(data_config(n, layout, source), inputs[source][2], args.micro_batch, n)
+            for source in sources for layout in layouts for n in actors]
     ray.shutdown()
+    if remote is not None:
+        remote["server"].__exit__(None, None, None)
 
     cores = os.cpu_count()
     print(f"\n{args.records} {args.data} records, num_crops {args.num_crops}, micro batch {args.micro_batch}, "
           f"{cores} cores ({platform.processor() or platform.machine()}), load average {os.getloadavg()[0]:.1f}")
-    _table(cpu, ("case", "layout", "cpu_ms_per_page", "pages_per_cpu_s"))
-    _table(sizes, ("layout", "block_bytes_per_row", "array_bytes_per_row", "pixel_shape", "pixel_dtype"))
-    _table(runs, ("layout", "actors", "records", "wall_s", "first_batch_s", "records_per_s", "steady_records_per_s",
+    if cpu:
+        _table(cpu, ("case", "layout", "cpu_ms_per_page", "pages_per_cpu_s"))
+        _table(sizes, ("layout", "block_bytes_per_row", "array_bytes_per_row", "pixel_shape", "pixel_dtype"))
+    _table(runs, ("source", "layout", "actors", "records", "wall_s", "first_batch_s", "records_per_s", "steady_records_per_s",
                   "load_avg_1m"))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +247,26 @@ def main(argv=None) -> None:
                    "pipeline": runs, "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])}
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.out}")
+
+
+def _start_bucket(work: Path, ckpt: Path, root: Path) -> dict:
+    """A local S3 server holding the checkpoint, the jsonl + images and the Parquet shards (AWS_* set for Ray)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from s3_server import s3_server
+
+    from datasets_ray.shards import convert_to_shards
+    from phi3v_ray.storage import upload_dir
+
+    server = s3_server()
+    s3 = server.__enter__()
+    s3.client.create_bucket(Bucket="bench")
+    t0 = time.perf_counter()
+    upload_dir(ckpt, "s3://bench/ckpt")
+    upload_dir(root, "s3://bench/data")
+    convert_to_shards(root, ["train"], "s3://bench/parquet")
+    print(f"bucket: uploaded in {time.perf_counter() - t0:.1f} s to {s3.endpoint}", flush=True)
+    return {"server": server, "ckpt": "s3://bench/ckpt", "train": "s3://bench/data/train.jsonl",
+            "images": "s3://bench/data/images", "parquet": "s3://bench/parquet/train", "work": "s3://bench/manifests"}
 
 
 def _table(rows: list[dict], cols: tuple[str, ...]) -> None:

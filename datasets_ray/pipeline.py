@@ -31,8 +31,20 @@ raises `BadRecord` naming the jsonl file, line, record id and reason. With "skip
 
 The manifest is always written (not only when records were dropped): it carries the line number
 of every record into the actors, holds the normalised image paths, and keeps the Arrow schema flat
-(the record travels as one JSON string, so records with different extra fields read alike). On a
-multi-node cluster work_dir and quarantine_dir must be on storage every node sees.
+(the record travels as one JSON string, so records with different extra fields read alike).
+
+Any path may be local or on object storage (s3://, gs://, abfs://; see phi3v_ray.storage):
+the jsonl files, images_root, the tokenizer's checkpoint, and the run's work_dir and quarantine_dir
+(`phi3v_ray.launch` puts both under storage_path/name/, which every node sees). Ray Data reads the
+manifest on the nodes, and each actor fetches its records' image bytes itself (a batch's images
+in parallel), so the driver never holds an image. A missing object is then a decode-stage bad
+record ("does not exist under s3://…"); credentials that may not read raise StorageAccessDenied
+at once, whatever on_bad_record says (it is the cluster's problem, not the record's).
+
+Sharded Parquet (`phi3v-ray convert … --format parquet`, datasets_ray/shards.py): a train_file
+that is a directory of `*.parquet` shards, or one shard, holds the records with their image bytes
+embedded, one row each. The driver pass reads only the id, row and record columns; Ray Data reads
+the shards with read_parquet and the actors decode the embedded bytes (no per-image requests).
 
 Order is deterministic (`preserve_order`), so a restarted run sees the same rows in the same
 order: `phi3v_ray.collate.iter_train_batches` shuffles with a local buffer seeded by seed + epoch
@@ -48,6 +60,7 @@ worker, autoscaling to two per worker; a busy actor uses one core whatever its l
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -65,8 +78,12 @@ from ray.data import ActorPoolStrategy, DataContext
 from phi3v_ray.config import ConfigError, DataConfig, Problem
 from phi3v_ray.examples import SequenceTooLong, build_example
 from phi3v_ray.processor import Phi3VProcessor
+from phi3v_ray.storage import (
+    StorageAccessDenied, delete_file, filesystem, is_file, is_remote, join, list_names, read_bytes, read_text, write_text,
+)
 
-from .schema import BadRecord, iter_jsonl, validate_file, write_jsonl
+from .schema import BadRecord, iter_jsonl, validate_lines, write_jsonl
+from .shards import SHARD_COLUMNS, is_parquet_input, list_shards, read_shard_records
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +114,7 @@ class DataPaths:
 def check_inputs(data: DataConfig, paths: DataPaths, files: Sequence[str]) -> None:
     """Raise one ConfigError for everything the pipeline cannot start with: settings, files, tokenizer."""
     problems = data.value_problems() + data.path_problems(files)
-    if not (Path(paths.processor_dir) / "tokenizer.json").is_file():
+    if not is_file(join(paths.processor_dir, "tokenizer.json")):
         problems.append(Problem("processor_dir", paths.processor_dir,
                                 "set it to a checkpoint directory that holds tokenizer.json"))
     if data.on_bad_record == "skip" and not paths.quarantine_dir:
@@ -167,71 +184,93 @@ def configure_data_context(ctx: DataContext | None = None) -> DataContext:
 class Manifest:
     """What the driver pass kept for one split."""
 
-    path: Path  # the jsonl Ray Data reads: one row per good record
+    path: Path | str  # the jsonl of good records (a URI on object storage)
     num_good: int
     num_bad: int
-    quarantine_path: Path | None  # {split}.quarantine.jsonl (skip mode)
+    quarantine_path: Path | str | None  # {split}.quarantine.jsonl (skip mode)
+    parquet: "ParquetInput | None" = None  # the split is sharded Parquet: Ray Data reads these shards
+
+
+@dataclass(frozen=True)
+class ParquetInput:
+    """What the actors need to read a split's Parquet shards: the shards, and the rows the driver refused."""
+
+    shards: tuple[str, ...]  # as the user named them (URIs keep their scheme)
+    inner: tuple[str, ...]  # the same shards as paths inside their filesystem (what Ray Data's "path" column holds)
+    skip: frozenset = frozenset()  # (inner path, row) of every bad row
 
 
 def write_manifest(data: DataConfig, paths: DataPaths, files: Sequence[str], split: str) -> Manifest:
-    """Validate every jsonl with `validate_file`, then write the good records with their file and line.
+    """Validate every jsonl (or Parquet shard), then write the good records with their file and line.
 
     Ids must be unique across the split's files too (a repeat in a later file is a bad record).
+    Every file goes to work_dir / quarantine_dir whole (a temporary name then a rename locally, one
+    upload on object storage): a failed run leaves no half-written manifest or quarantine.
     """
     skip = data.on_bad_record == "skip"
-    qdir = Path(paths.quarantine_dir) if paths.quarantine_dir else None
-    work = Path(paths.work_dir or paths.quarantine_dir or _temp_work_dir())
-    work.mkdir(parents=True, exist_ok=True)
+    qdir = paths.quarantine_dir or None
+    work = paths.work_dir or paths.quarantine_dir or _temp_work_dir()
     if qdir is not None:
-        qdir.mkdir(parents=True, exist_ok=True)
-        for stale in qdir.glob(f"{split}.decode-quarantine.*.jsonl"):  # from an earlier build of this split
-            stale.unlink()
+        for name in list_names(qdir):  # decode entries from an earlier build of this split
+            if name.startswith(f"{split}.decode-quarantine."):
+                delete_file(join(qdir, name))
 
+    parquet = all(is_parquet_input(str(f)) for f in files) and bool(files)
+    sources = [(shard, read_shard_records(shard)) for f in files for shard in list_shards(str(f))] if parquet else \
+        [(str(f), list(iter_jsonl(str(f)))) for f in files]
     rows: list[dict] = []
     quarantined: list[dict] = []
+    refused: set[tuple[str, int]] = set()
     seen: dict[str, tuple[str, int]] = {}
-    for i, path in enumerate(files):
-        path = str(path)
-        part = (qdir or work) / f".{split}.{i}.quarantine.part"
-        good, _ = validate_file(
-            path, data.images_root, data.on_bad_record, quarantine_path=part if skip else None,
-            max_images_per_turn=data.max_images_per_turn,
-        )
-        bad = list(_read_jsonl(part)) if skip else []
-        part.unlink(missing_ok=True)
+    for path, lines in sources:
+        good, bad = validate_lines(lines, path, None if parquet else data.images_root, data.on_bad_record,
+                                   max_images_per_turn=data.max_images_per_turn)
         quarantined += bad
-        bad_lines = {e["line"] for e in bad}
-        texts = {line: text for line, text in iter_jsonl(path) if line not in bad_lines}
-        if len(texts) != len(good):  # validate_file keeps good records in file order
-            raise RuntimeError(f"{path}: {len(good)} good records but {len(texts)} unquarantined lines")
-        for (line, text), rec in zip(texts.items(), good):
+        refused.update((path, e["line"]) for e in bad)
+        for line, text, rec in good:
             if rec["id"] in seen:
                 first = "%s:%d" % seen[rec["id"]]
                 err = BadRecord(f"duplicate id (first seen at {first})", path=path, line=line, record_id=rec["id"])
                 if not skip:
                     raise err
                 quarantined.append({"file": path, "line": line, "id": rec["id"], "reason": err.reason, "raw": text})
+                refused.add((path, line))
                 continue
             seen[rec["id"]] = (path, line)
             rows.append({"id": rec["id"], "_file": path, "_line": line, "record": json.dumps(rec, ensure_ascii=False)})
 
     qpath = None
     if skip:
-        qpath = qdir / f"{split}.quarantine.jsonl"
+        qpath = _local_or_uri(join(qdir, f"{split}.quarantine.jsonl"))
         write_jsonl(qpath, quarantined)
         if quarantined:
             logger.warning("%s: %d bad record(s) skipped by validation, listed in %s", split, len(quarantined), qpath)
     if not rows:
         raise ValueError(f"{split}: no usable records in {list(files)}" + (f" (all {len(quarantined)} quarantined in {qpath})" if quarantined else ""))
-    manifest = work / f"{split}.manifest.jsonl"
+    manifest = _local_or_uri(join(work, f"{split}.manifest.jsonl"))
     write_jsonl(manifest, rows)
-    return Manifest(manifest, len(rows), len(quarantined), qpath)
+    plan = None
+    if parquet:
+        inner = {p: filesystem(p)[1] for p, _ in sources}
+        plan = ParquetInput(tuple(inner), tuple(inner.values()), frozenset((inner[p], line) for p, line in refused))
+    return Manifest(manifest, len(rows), len(quarantined), qpath, plan)
 
 
-def _read_jsonl(path: Path) -> Iterator[dict]:
-    if path.is_file():
-        for _, text in iter_jsonl(path):
-            yield json.loads(text)
+def manifest_count(path) -> int:
+    """Records in a written manifest (local or on object storage)."""
+    text = read_text(str(path)) or ""
+    return sum(1 for line in text.splitlines() if line.strip())
+
+
+def _local_or_uri(path: str) -> Path | str:
+    return path if is_remote(path) else Path(path)
+
+
+def _read_jsonl(path) -> Iterator[dict]:
+    text = read_text(str(path))
+    for line in (text or "").splitlines():
+        if line.strip():
+            yield json.loads(line)
 
 
 def _temp_work_dir() -> str:
@@ -255,21 +294,54 @@ DECODE_ERRORS = (DecodeError, SequenceTooLong, ValueError, OSError, SyntaxError,
 class Phi3VPreprocessor:
     """map_batches callable: manifest rows → model rows. Loads the processor once per actor."""
 
-    def __init__(self, data: DataConfig, paths: DataPaths, split: str = "train"):
+    def __init__(self, data: DataConfig, paths: DataPaths, split: str = "train", parquet: ParquetInput | None = None):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.data = data
         self.paths = paths
         self.split = split
-        self.images_root = Path(data.images_root)
+        self.parquet = parquet
+        self.remote = bool(data.images_root) and is_remote(data.images_root) and parquet is None
+        self.images_root = data.images_root if self.remote else Path(data.images_root)
+        if self.remote:  # resolved once: resolving a URI is a request
+            self._fs, self._root = filesystem(data.images_root)
         self.processor = Phi3VProcessor.from_pretrained(paths.processor_dir, num_crops=data.num_crops)
         # PIL's own guard as a second line (it raises at 2× this); the size check below comes first.
         Image.MAX_IMAGE_PIXELS = data.max_pixels
         ImageFile.LOAD_TRUNCATED_IMAGES = False
-        self._quarantine_file = None
+        self._quarantine_path = None
+        self._quarantined: list[str] = []
+        self._dirty = False
 
-    def load_image(self, rel: str) -> Image.Image:
-        """Open one image, refuse it above max_pixels before decoding, then decode it fully."""
-        path = self.images_root / rel
+    def fetch(self, rel: str) -> bytes:
+        """One image's bytes from object storage; a missing object is a DecodeError, denied access is not."""
+        try:
+            return read_bytes(f"{self.images_root}/{rel}", self._fs, f"{self._root}/{rel}")
+        except FileNotFoundError:
+            raise DecodeError(f"image {rel!r} does not exist under {self.images_root}") from None
+
+    def prefetch(self, records: list[dict]) -> dict[str, bytes | DecodeError]:
+        """Every image of a batch's records, fetched in parallel (object storage answers in tens of ms each)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        rels = sorted({rel for rec in records for turn in rec["conversations"] for rel in (turn.get("images") or [])})
+
+        def get(rel):
+            try:
+                return self.fetch(rel)
+            except DecodeError as e:
+                return e
+
+        with ThreadPoolExecutor(max_workers=min(16, max(1, len(rels)))) as pool:
+            return dict(zip(rels, pool.map(get, rels)))
+
+    def load_image(self, rel: str, content: bytes | DecodeError | None = None) -> Image.Image:
+        """Open one image (a file under images_root, or its bytes), refuse it above max_pixels before
+        decoding, then decode it fully."""
+        if isinstance(content, DecodeError):
+            raise content
+        if content is None and self.remote:
+            content = self.fetch(rel)
+        path = io.BytesIO(content) if content is not None else self.images_root / rel
         try:
             with Image.open(path) as im:
                 width, height = im.size
@@ -289,10 +361,20 @@ class Phi3VPreprocessor:
         except (OSError, SyntaxError, EOFError, ValueError) as e:  # UnidentifiedImageError is an OSError
             raise DecodeError(f"image {rel!r} cannot be decoded ({type(e).__name__}: {e})") from None
 
-    def build_row(self, record: dict) -> dict:
-        """One validated record → one row (see the module docstring for the columns)."""
+    def build_row(self, record: dict, contents=None) -> dict:
+        """One validated record → one row (see the module docstring for the columns).
+
+        contents: the images' bytes, a {rel: bytes} map (prefetched) or a list in record order
+        (embedded in a Parquet row); None reads files under images_root.
+        """
         conversations = record["conversations"]
-        images = [self.load_image(rel) for turn in conversations for rel in (turn.get("images") or [])]
+        rels = [rel for turn in conversations for rel in (turn.get("images") or [])]
+        if isinstance(contents, (list, tuple)):
+            if len(contents) != len(rels):
+                raise DecodeError(f"the row embeds {len(contents)} image(s), its record names {len(rels)}")
+            images = [self.load_image(rel, bytes(b)) for rel, b in zip(rels, contents)]
+        else:
+            images = [self.load_image(rel, (contents or {}).get(rel)) for rel in rels]
         crops = self.data.pixel_format == "uint8"
         ex = build_example(
             self.processor, conversations, images, max_length=self.data.max_length,
@@ -316,10 +398,26 @@ class Phi3VPreprocessor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray | list]:
         columns = row_columns(self.data)
         out: dict[str, list] = {k: [] for k in columns}
-        for rid, file, line, text in zip(batch["id"], batch["_file"], batch["_line"], batch["record"]):
+        if self.parquet is not None:  # a batch of shard rows: skip what the driver refused, images are embedded
+            keep = [i for i, (p, r) in enumerate(zip(batch["path"], batch["row"])) if (str(p), int(r)) not in self.parquet.skip]
+            names = dict(zip(self.parquet.inner, self.parquet.shards))
+            files = [names.get(str(batch["path"][i]), str(batch["path"][i])) for i in keep]
+            lines = [batch["row"][i] for i in keep]
+            texts = [batch["record"][i] for i in keep]
+            ids = [batch["id"][i] for i in keep]
+            embedded = [list(batch["images"][i]) for i in keep]
+            records = [None] * len(keep)
+        else:
+            ids, files, lines, texts = batch["id"], batch["_file"], batch["_line"], batch["record"]
+            records = [json.loads(t) for t in texts]
+            fetched = self.prefetch(records) if self.remote else None
+            embedded = [fetched] * len(records)
+        for rid, file, line, text, rec, contents in zip(ids, files, lines, texts, records, embedded):
             rid, file, line = str(rid), str(file), int(line)
             try:
-                row = self.build_row(json.loads(text))
+                row = self.build_row(rec if rec is not None else json.loads(text), contents)
+            except StorageAccessDenied:
+                raise  # the cluster's credentials, not the record: never quarantined
             except DECODE_ERRORS as e:
                 reason = f"{type(e).__name__}: {e}" if isinstance(e, SequenceTooLong) else str(e)
                 if self.data.on_bad_record == "fail":
@@ -328,6 +426,7 @@ class Phi3VPreprocessor:
                 continue
             for k in columns:
                 out[k].append(row[k])
+        self._flush_quarantine()
         pixels = PIXEL_COLUMN[self.data.pixel_format]
         return {
             "id": np.asarray(out["id"], dtype=object),
@@ -342,26 +441,33 @@ class Phi3VPreprocessor:
         }
 
     def quarantine(self, entry: dict) -> None:
-        """Append one bad record to this actor's own part file (no two writers share a file)."""
-        if self._quarantine_file is None:
-            qdir = Path(self.paths.quarantine_dir)
-            qdir.mkdir(parents=True, exist_ok=True)
-            path = qdir / f"{self.split}.decode-quarantine.{uuid.uuid4().hex}.jsonl"
-            self._quarantine_file = open(path, "a", encoding="utf-8")
-        self._quarantine_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self._quarantine_file.flush()
+        """Note one bad record for this actor's own part file (no two writers share a file)."""
+        if self._quarantine_path is None:
+            self._quarantine_path = join(self.paths.quarantine_dir, f"{self.split}.decode-quarantine.{uuid.uuid4().hex}.jsonl")
+        self._quarantined.append(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._dirty = True
+
+    def _flush_quarantine(self) -> None:
+        """Rewrite the part file whole after a batch that added entries (a rename, or one upload: never half a line)."""
+        if self._dirty:
+            write_text(self._quarantine_path, "".join(self._quarantined))
+            self._dirty = False
 
 
 # ---------------------------------------------------------------------------------------------
 # the dataset
 
 
-def map_batches_kwargs(data: DataConfig, paths: DataPaths, split: str = "train", num_workers: int = 1) -> dict:
+def map_batches_kwargs(data: DataConfig, paths: DataPaths, split: str = "train", num_workers: int = 1,
+                       parquet: ParquetInput | None = None) -> dict:
     """Arguments of the preprocessing map_batches: actor pool, CPUs, node pinning, batch size."""
     low, high = data.actor_pool(num_workers, split)
     compute = ActorPoolStrategy(min_size=low, max_size=high) if high > low else ActorPoolStrategy(size=low)
+    constructor = {"data": data, "paths": paths, "split": split}
+    if parquet is not None:
+        constructor["parquet"] = parquet
     kwargs = dict(
-        fn_constructor_kwargs={"data": data, "paths": paths, "split": split},
+        fn_constructor_kwargs=constructor,
         batch_size=data.preprocess_batch_size,
         batch_format="numpy",
         compute=compute,
@@ -394,10 +500,19 @@ def build_dataset(
     resources = {data.data_node_resource: NODE_RESOURCE_AMOUNT} if data.data_node_resource else None
     # Enough blocks that several actors get work; one record is at most one preprocessing batch.
     num_blocks = max(1, min(math.ceil(manifest.num_good / data.preprocess_batch_size), 1000))
-    ds = ray.data.read_json(
-        str(manifest.path), override_num_blocks=num_blocks, num_cpus=READ_NUM_CPUS, resources=resources
-    )
-    ds = ds.map_batches(Phi3VPreprocessor, **map_batches_kwargs(data, paths, split, num_workers))
+    if manifest.parquet is not None:
+        ds = ray.data.read_parquet(
+            list(manifest.parquet.shards), columns=list(SHARD_COLUMNS), include_paths=True,
+            num_cpus=READ_NUM_CPUS, ray_remote_args={"resources": resources} if resources else None,
+        )
+        # A shard reads as one big block; cut it (streaming) into blocks of one preprocessing batch so that
+        # every actor gets work and rows leave an actor batch by batch, as with the jsonl manifest.
+        ds = ds.repartition(target_num_rows_per_block=data.preprocess_batch_size)
+    else:
+        ds = ray.data.read_json(
+            str(manifest.path), override_num_blocks=num_blocks, num_cpus=READ_NUM_CPUS, resources=resources
+        )
+    ds = ds.map_batches(Phi3VPreprocessor, **map_batches_kwargs(data, paths, split, num_workers, manifest.parquet))
     if data.object_store_memory_limit:
         limits = ds.context.execution_options.resource_limits
         ds.context.execution_options.resource_limits = limits.copy(object_store_memory=data.object_store_memory_limit)
@@ -405,21 +520,23 @@ def build_dataset(
 
 
 def quarantine_report(quarantine_dir) -> dict[str, int]:
-    """Bad records per split and stage: {"train.validate": n, "train.decode": m, ...}.
+    """Bad records per split and stage: {"train.validate": n, "train.decode": m, ...} (any filesystem).
 
     Decode entries are counted once per (file, line, id, reason): every epoch decodes again and
     appends again, and a retried task may repeat an entry.
     """
-    qdir = Path(quarantine_dir)
+    qdir = str(quarantine_dir)
+    names = list_names(qdir)
     report: dict[str, int] = {}
-    for path in sorted(qdir.glob("*.quarantine.jsonl")):
-        report[f"{path.name[: -len('.quarantine.jsonl')]}.validate"] = sum(1 for _ in iter_jsonl(path))
+    for name in names:
+        if name.endswith(".quarantine.jsonl") and ".decode-quarantine." not in name:
+            report[f"{name[: -len('.quarantine.jsonl')]}.validate"] = sum(1 for _ in _read_jsonl(join(qdir, name)))
     decode: dict[str, set] = {}
-    for path in sorted(qdir.glob("*.decode-quarantine.*.jsonl")):
-        split = path.name.split(".decode-quarantine.")[0]
-        keys = decode.setdefault(split, set())
-        for e in _read_jsonl(path):
-            keys.add((e.get("file"), e.get("line"), e.get("id"), e.get("reason")))
+    for name in names:
+        if ".decode-quarantine." in name and name.endswith(".jsonl"):
+            keys = decode.setdefault(name.split(".decode-quarantine.")[0], set())
+            for e in _read_jsonl(join(qdir, name)):
+                keys.add((e.get("file"), e.get("line"), e.get("id"), e.get("reason")))
     for split, keys in sorted(decode.items()):
         report[f"{split}.decode"] = len(keys)
     return report
@@ -427,8 +544,11 @@ def quarantine_report(quarantine_dir) -> dict[str, int]:
 
 def read_quarantine(quarantine_dir, split: str = "train", stage: str = "decode") -> list[dict]:
     """The quarantined entries of one split and stage ("validate" or "decode"), deduplicated."""
-    qdir = Path(quarantine_dir)
-    paths = [qdir / f"{split}.quarantine.jsonl"] if stage == "validate" else sorted(qdir.glob(f"{split}.decode-quarantine.*.jsonl"))
+    qdir = str(quarantine_dir)
+    if stage == "validate":
+        paths = [join(qdir, f"{split}.quarantine.jsonl")]
+    else:
+        paths = [join(qdir, n) for n in list_names(qdir) if n.startswith(f"{split}.decode-quarantine.") and n.endswith(".jsonl")]
     entries, seen = [], set()
     for path in paths:
         for e in _read_jsonl(path):
@@ -437,4 +557,3 @@ def read_quarantine(quarantine_dir, split: str = "train", stage: str = "decode")
                 seen.add(key)
                 entries.append(e)
     return entries
-

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 from phi3v_ray.constants import image_tags
+from phi3v_ray.storage import is_remote, open_text, write_text
 
 
 class BadRecord(ValueError):
@@ -60,8 +61,8 @@ def _rebuild_bad_record(reason, path, line, record_id) -> BadRecord:
 
 
 def iter_jsonl(path) -> Iterator[tuple[int, str]]:
-    """Yield (1-based line number, text) for every non-blank line of a jsonl file."""
-    with open(path, encoding="utf-8") as f:
+    """Yield (1-based line number, text) for every non-blank line of a jsonl file (local or s3://, gs://, …)."""
+    with open_text(str(path)) as f:
         for line_no, text in enumerate(f, start=1):
             text = text.rstrip("\n")
             if text.strip():
@@ -80,16 +81,24 @@ def parse_line(text: str, path=None, line: int | None = None) -> dict:
 
 
 def write_jsonl(path, records: Iterable[dict]) -> int:
-    """Write records one per line (UTF-8, via a temp file then rename); returns how many."""
+    """Write records one per line (UTF-8, via a temp file then rename, or one upload); returns how many."""
+    if is_remote(str(path)):
+        lines = [json.dumps(rec, ensure_ascii=False) + "\n" for rec in records]
+        write_text(str(path), "".join(lines))
+        return len(lines)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed writer leaves nothing half-written
+        raise
     return n
 
 
@@ -97,8 +106,13 @@ def write_jsonl(path, records: Iterable[dict]) -> int:
 # one record
 
 
-def _check_image_path(rel, images_root: Path, root_resolved: Path) -> str:
-    """Return the normalised relative path of one image, or raise ValueError saying why not."""
+def _check_image_path(rel, images_root, root_resolved: Path | None) -> str:
+    """Return the normalised relative path of one image, or raise ValueError saying why not.
+
+    On object storage (root_resolved None) only the path's shape is checked here: the
+    preprocessing actor finds a missing object when it fetches it (a decode-stage bad record),
+    instead of the driver asking the bucket about every image.
+    """
     if not isinstance(rel, str) or not rel.strip():
         raise ValueError(f"image path must be a non-empty string, got {rel!r}")
     posix = rel.replace("\\", "/")
@@ -108,6 +122,8 @@ def _check_image_path(rel, images_root: Path, root_resolved: Path) -> str:
     if ".." in parts:
         raise ValueError(f"image {rel!r} uses '..' and could escape {images_root}")
     norm = "/".join(parts)
+    if root_resolved is None:
+        return norm
     full = images_root / norm
     # Resolving follows symlinks: a link that points outside the root is refused.
     if not full.resolve().is_relative_to(root_resolved):
@@ -141,8 +157,11 @@ def validate_record(
     if not rec["conversations"]:
         raise bad("'conversations' is empty")
 
-    images_root = Path(images_root)
-    root_resolved = images_root.resolve()
+    if images_root is None or is_remote(str(images_root)):  # object storage, or images embedded (Parquet)
+        root_resolved = None
+    else:
+        images_root = Path(images_root)
+        root_resolved = images_root.resolve()
     turns = []
     next_tag = 1
     for t, turn in enumerate(rec["conversations"], start=1):
@@ -206,12 +225,28 @@ def validate_file(
     there as {"file", "line", "id", "reason", "raw"} so that good + bad == non-blank lines.
     A repeated id is a bad record (the first occurrence is kept).
     """
+    good, quarantined = validate_lines(iter_jsonl(jsonl_path), jsonl_path, images_root, on_bad_record,
+                                       max_images_per_turn=max_images_per_turn)
+    if quarantine_path is not None and on_bad_record == "skip":
+        write_jsonl(quarantine_path, quarantined)
+    return [rec for _, _, rec in good], len(quarantined)
+
+
+def validate_lines(
+    lines: Iterable[tuple[int, str]],
+    jsonl_path,
+    images_root,
+    on_bad_record: str = "fail",
+    *,
+    max_images_per_turn: int = 16,
+) -> tuple[list[tuple[int, str, dict]], list[dict]]:
+    """`validate_file` on lines already read: ([(line, text, normalised record)], [quarantine entries])."""
     if on_bad_record not in ("fail", "skip"):
         raise ValueError(f"on_bad_record must be 'fail' or 'skip', got {on_bad_record!r}")
-    good: list[dict] = []
+    good: list[tuple[int, str, dict]] = []
     quarantined: list[dict] = []
     seen: dict[str, int] = {}
-    for line_no, text in iter_jsonl(jsonl_path):
+    for line_no, text in lines:
         try:
             rec = parse_line(text, jsonl_path, line_no)
             rec = validate_record(
@@ -230,7 +265,5 @@ def validate_file(
             )
             continue
         seen[rec["id"]] = line_no
-        good.append(rec)
-    if quarantine_path is not None and on_bad_record == "skip":
-        write_jsonl(quarantine_path, quarantined)
-    return good, len(quarantined)
+        good.append((line_no, text, rec))
+    return good, quarantined

@@ -92,9 +92,11 @@ class ConfigError(ValueError):
 class DataConfig:
     """What the Ray Data pipeline reads and how it turns records into rows (`TrainConfig.data`)."""
 
-    train_file: str = _f("", "training jsonl (the recipe's record format)")
-    val_file: str = _f("", "validation jsonl for evaluation during training (optional)")
-    images_root: str = _f("", "directory the records' image paths are relative to")
+    train_file: str = _f("", "training jsonl (the recipe's record format), or a directory of Parquet shards with the "
+                             "images embedded (convert --format parquet); local, s3://, gs:// or abfs://")
+    val_file: str = _f("", "validation jsonl or Parquet shards for evaluation during training (optional)")
+    images_root: str = _f("", "directory (or s3://, gs://, abfs:// prefix) the records' image paths are relative to; "
+                              "not needed for Parquet shards")
     system: str = _f("", "system prompt put before the first turn (empty = none, as in the recipe)")
     num_crops: int = _f(16, "HD crop budget per image (recipe: 16 for documents, 4 for video frames)",
                         ge=1, le=MAX_NUM_CROPS)
@@ -147,12 +149,15 @@ class DataConfig:
         """The jsonl files (default: train_file and val_file where set) and the image directory."""
         named = [(n, getattr(self, n)) for n in ("train_file", "val_file")] if files is None else \
             [("files", str(f)) for f in files]
-        problems = [Problem(name, path, "file not found") for name, path in named if path and not Path(path).is_file()]
+        problems = [Problem(name, path, why or "file not found (a jsonl, or a directory of Parquet shards)")
+                    for name, path in named if path for why in [_missing(path, shards=True)] if why is not None]
         if files is not None and not files:
             problems.append(Problem("files", [], "name at least one jsonl"))
-        if any(path for _, path in named) and (not self.images_root or not Path(self.images_root).is_dir()):
+        needs_images = any(path and not _is_shards(path) for _, path in named)
+        why = _missing(self.images_root, directory=True) if needs_images and self.images_root else ""
+        if needs_images and why is not None:
             problems.append(Problem("images_root", self.images_root,
-                                    "set it to the directory the records' image paths are relative to"))
+                                    why or "set it to the directory the records' image paths are relative to"))
         return problems
 
 
@@ -347,9 +352,10 @@ class TrainConfig:
     def path_problems(self) -> list[Problem]:
         """The checkpoint, the data files and the image directory on this machine."""
         problems = []
-        if self.checkpoint != "tiny" and "://" not in self.checkpoint and not Path(self.checkpoint).is_dir():
+        why = None if self.checkpoint == "tiny" else _missing(self.checkpoint, directory=True)
+        if why is not None:
             problems.append(Problem("checkpoint", self.checkpoint,
-                                    "not a directory; point it at a Phi-3.5-vision checkpoint, or use 'tiny'"))
+                                    why or "not a directory; point it at a Phi-3.5-vision checkpoint, or use 'tiny'"))
         if not self.data.train_file and not self.eval_only:
             problems.append(Problem("train_file", self.data.train_file,
                                     "set a training jsonl (or run the default demo: `phi3v-ray train` with no config)"))
@@ -364,6 +370,26 @@ class TrainConfig:
         if problems:
             raise ConfigError(problems)
         return self
+
+
+# ----------------------------------------------------------------- paths on any filesystem
+def _missing(path: str, directory: bool = False, shards: bool = False) -> str | None:
+    """None when `path` (local or s3://, gs://, abfs://) is there, "" when it is not, the reason when this
+    process may not look; credentials come from the environment or the node's identity, never the config."""
+    from .storage import StorageAccessDenied, is_dir, is_file
+
+    try:
+        if (not directory and is_file(path)) or ((directory or shards) and is_dir(path)):
+            return None
+    except StorageAccessDenied as err:
+        return str(err)
+    return ""
+
+
+def _is_shards(path: str) -> bool:
+    """A Parquet shard or a directory of them (images embedded: no images_root needed)."""
+    path = path.rstrip("/")
+    return path.endswith(".parquet") or not path.endswith((".jsonl", ".json")) and _missing(path, directory=True) is None
 
 
 # ----------------------------------------------------------------- fields, types, checks

@@ -45,6 +45,9 @@ def export(out: str | Path, run: str | None = None, checkpoint: str | None = Non
         base = state["config"]["checkpoint"]
     from peft import PeftModel
 
+    from .weights import local_checkpoint
+
+    base = local_checkpoint(base)  # a base checkpoint in a bucket: this machine's cached copy
     model = Phi3VForCausalLM.from_pretrained(base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)

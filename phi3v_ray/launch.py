@@ -69,7 +69,34 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
             make_demo_dataset(data, seed=0)
         changes.update(train_file=str(data / "train.jsonl"), val_file=str(data / "test.jsonl"),
                        images_root=str(data / "images"))
+    if changes and "://" in cfg.resolved_storage_path:
+        changes = _publish_defaults(cfg.resolved_storage_path, changes)
     return cfg.replace(**changes) if changes else cfg
+
+
+def _publish_defaults(store: str, changes: dict[str, str]) -> dict[str, str]:
+    """storage_path on object storage: the tiny checkpoint and the demo data are uploaded next to the runs
+    (once), so that nodes other than the driver's read them from there."""
+    from .storage import list_files, upload_dir
+
+    def publish(local: Path, remote: str) -> None:  # again when any file is missing or differs in size
+        sizes = {rel: size for rel, (size, _) in list_files(remote).items()}
+        if any(sizes.get(rel) != size for rel, (size, _) in list_files(str(local)).items()):
+            print(f"[phi3v-ray] uploading {local} to {remote}", flush=True)
+            upload_dir(local, remote)
+
+    store = store.rstrip("/")
+    out = dict(changes)
+    if "checkpoint" in changes:
+        local, remote = Path(changes["checkpoint"]), f"{store}/tiny-checkpoint"
+        publish(local, remote)
+        out["checkpoint"] = remote
+    if "train_file" in changes:
+        local, remote = Path(changes["train_file"]).parent, f"{store}/demo-data"
+        publish(local, remote)
+        for key in ("train_file", "val_file", "images_root"):
+            out[key] = f"{remote}/{Path(changes[key]).relative_to(local).as_posix()}"
+    return out
 
 
 def plan_run(cfg: TrainConfig, n_train: int, n_val: int) -> Plan:
@@ -93,31 +120,26 @@ def build_datasets(cfg: TrainConfig, run_dir: str | None = None):
     """The Ray Data pipelines for train (and val) from `cfg.data`; returns (datasets, n_train, n_val)."""
     import ray.data
 
-    from datasets_ray.pipeline import DataPaths, build_dataset
+    from datasets_ray.pipeline import DataPaths, build_dataset, manifest_count
 
     # Ray Data's per-operator bars would bury the per-step lines; the training loop prints its own.
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     run_dir = run_dir or cfg.run_dir
-    local = Path(run_dir) if "://" not in run_dir else Path("runs").resolve() / cfg.name
-    paths = DataPaths(processor_dir=cfg.checkpoint, quarantine_dir=str(local / "quarantine"), work_dir=str(local / "data"))
+    # Under storage_path/name on any filesystem: every node reads the manifests and writes quarantine there.
+    paths = DataPaths(processor_dir=cfg.checkpoint, quarantine_dir=_quarantine_dir(cfg, run_dir),
+                      work_dir=f"{run_dir.rstrip('/')}/data")
     datasets, counts = {}, {"train": 0, "val": 0}
     files = {"val": cfg.data.val_file} if cfg.eval_only else {"train": cfg.data.train_file, "val": cfg.data.val_file}
     for split, path in files.items():
         if path:
             datasets[split] = build_dataset(cfg.data, paths, [path], split, num_workers=cfg.num_workers)
-            counts[split] = _count_lines(Path(paths.work_dir) / f"{split}.manifest.jsonl")
+            counts[split] = manifest_count(f"{paths.work_dir}/{split}.manifest.jsonl")
     return datasets, counts["train"], counts["val"]
 
 
-def _count_lines(path: Path) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
-
-
-def _quarantine_dir(cfg: TrainConfig) -> Path:
-    local = Path(cfg.run_dir) if "://" not in cfg.run_dir else Path("runs").resolve() / cfg.name
-    return local / "quarantine"
+def _quarantine_dir(cfg: TrainConfig, run_dir: str | None = None) -> str:
+    return f"{(run_dir or cfg.run_dir).rstrip('/')}/quarantine"
 
 
 def check_dropped(cfg: TrainConfig, good: dict[str, int], after_training: bool) -> dict[str, int]:
@@ -132,7 +154,7 @@ def check_dropped(cfg: TrainConfig, good: dict[str, int], after_training: bool) 
     from .storage import append_text, write_text
 
     qdir = _quarantine_dir(cfg)
-    report = quarantine_report(qdir) if qdir.is_dir() else {}
+    report = quarantine_report(qdir)
     if not report:
         return report
     print("[phi3v-ray] dropped records: " + ", ".join(f"{k} {v}" for k, v in sorted(report.items()))

@@ -229,7 +229,9 @@ class Phi3VProcessor:
     def from_pretrained(cls, path: str | Path, num_crops: int | None = None) -> "Phi3VProcessor":
         from transformers import PreTrainedTokenizerFast
 
-        path = Path(path)
+        from .weights import local_checkpoint
+
+        path = Path(local_checkpoint(str(path), processor_only=True))  # s3://… → this node's cached copy
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json (expected a Phi-3.5-vision checkpoint directory)")
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))

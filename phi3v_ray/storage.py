@@ -119,3 +119,162 @@ def checkpoint_at(path: str):
         fs, inner = _filesystem(path)
         return ray.train.Checkpoint(inner, filesystem=fs)
     return ray.train.Checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading inputs (data, images, weights) from any filesystem
+#
+# Credentials are never part of a path or a config: pyarrow takes them from the environment
+# (AWS_ACCESS_KEY_ID/…, AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS, AZURE_*), the instance profile
+# or the pod's service account. AWS_ENDPOINT_URL points s3:// at an S3-compatible server.
+
+# Words in the errors of pyarrow's S3, GCS and Azure filesystems that mean "you may not".
+_DENIED_MARKS = ("ACCESS_DENIED", "AccessDenied", "Access Denied", "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId",
+                 "SIGNATURE_DOES_NOT_MATCH", "PERMISSION_DENIED", "PermissionDenied", "AuthorizationPermissionMismatch",
+                 "AuthorizationFailure", "Forbidden", "HTTP status 403")
+
+
+class StorageAccessDenied(PermissionError):
+    """The credentials this process has may not read (or write) a path; names the path and what to check."""
+
+    def __init__(self, path: str, detail: str = ""):
+        self.path = str(path)
+        hint = ("grant this node's identity read access (IAM instance profile / workload identity / managed "
+                "identity; see cluster/README.md)" if is_remote(path) else "check the file's permissions")
+        super().__init__(f"access denied to {path}: {hint}" + (f" ({detail.strip()})" if detail else ""))
+
+    def __reduce__(self):  # keep the message when Ray pickles the error across processes
+        return _rebuild_denied, (self.path, "")
+
+
+def _rebuild_denied(path: str, detail: str) -> StorageAccessDenied:
+    return StorageAccessDenied(path, detail)
+
+
+def is_access_denied(err: BaseException) -> bool:
+    return isinstance(err, PermissionError) or any(mark in str(err) for mark in _DENIED_MARKS)
+
+
+def filesystem(path: str):
+    """(pyarrow filesystem, path inside it) for a URI or a local path."""
+    import pyarrow.fs
+
+    if is_remote(path):
+        return _filesystem(path)
+    return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
+
+
+def join(base: str, *parts: str) -> str:
+    """`base/part/...` for local paths and URIs alike (URIs keep their scheme and bucket)."""
+    if not is_remote(base):
+        return str(Path(base, *parts))
+    return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _info(path: str):
+    fs, inner = filesystem(path)
+    try:
+        return fs.get_file_info(inner)
+    except OSError as err:
+        if is_access_denied(err):
+            raise StorageAccessDenied(path, str(err)) from None
+        raise
+
+
+def is_file(path: str) -> bool:
+    if not is_remote(path):
+        return Path(path).is_file()
+    import pyarrow.fs
+
+    return _info(path).type == pyarrow.fs.FileType.File
+
+
+def is_dir(path: str) -> bool:
+    """A directory, or on object storage a prefix with at least one object under it."""
+    if not is_remote(path):
+        return Path(path).is_dir()
+    import pyarrow.fs
+
+    return _info(path).type == pyarrow.fs.FileType.Directory
+
+
+def read_bytes(path: str, fs=None, inner: str | None = None) -> bytes:
+    """The whole file; FileNotFoundError if missing, StorageAccessDenied if the credentials may not read it.
+
+    Pass `fs` and `inner` (from `filesystem`) when reading many files: resolving a URI costs a request.
+    """
+    if fs is None:
+        fs, inner = filesystem(path)
+    try:
+        with fs.open_input_stream(inner) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        if is_access_denied(err):
+            raise StorageAccessDenied(path, str(err)) from None
+        raise
+
+
+def open_text(path: str):
+    """A text stream (UTF-8) over a local file or an object."""
+    import io
+
+    if not is_remote(path):
+        return open(path, encoding="utf-8")
+    fs, inner = filesystem(path)
+    try:
+        return io.TextIOWrapper(fs.open_input_stream(inner), encoding="utf-8")
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        if is_access_denied(err):
+            raise StorageAccessDenied(path, str(err)) from None
+        raise
+
+
+def list_files(directory: str) -> dict[str, tuple[int, int]]:
+    """Every file under `directory`, recursively: {relative posix path: (size, mtime_ns)}; {} if missing."""
+    import pyarrow.fs
+
+    fs, inner = filesystem(directory)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True, allow_not_found=True))
+    except OSError as err:
+        if is_access_denied(err):
+            raise StorageAccessDenied(directory, str(err)) from None
+        raise
+    prefix = inner.rstrip("/") + "/"
+    out = {}
+    for info in infos:
+        if info.type == pyarrow.fs.FileType.File and info.path.startswith(prefix):
+            mtime = info.mtime_ns if info.mtime_ns is not None else 0
+            out[info.path[len(prefix):]] = (int(info.size or 0), int(mtime))
+    return out
+
+
+def list_names(directory: str) -> list[str]:
+    """Names of the files directly in `directory`, sorted; [] if it does not exist."""
+    return sorted(rel for rel in list_files(directory) if "/" not in rel)
+
+
+def upload_dir(local_dir: str | Path, target: str) -> int:
+    """Copy every file under a local directory to `target` (any filesystem); returns the file count.
+
+    Each object appears only when its upload completes. Used to publish converted data and
+    checkpoints to a bucket (tests, `convert --out s3://...`).
+    """
+    import pyarrow.fs
+
+    fs, inner = filesystem(target)
+    n = 0
+    for path in sorted(Path(local_dir).rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(local_dir).as_posix()
+            dest = f"{inner.rstrip('/')}/{rel}"
+            if not is_remote(target):
+                fs.create_dir(os.path.dirname(dest), recursive=True)
+            pyarrow.fs.copy_files(str(path), dest, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                                  destination_filesystem=fs)
+            n += 1
+    return n

@@ -33,7 +33,9 @@ from .hardware import HardwareChoice, detect_gpu, log_choice, resolve_hardware
 from .memory import plan_for_config
 from .modes import (LoraSettings, Mode, apply_mode, cast_trainable, count_parameters, enable_gradient_checkpointing,
                     keep_plain_4bit_layout)
+from .storage import StorageAccessDenied
 from .tracking import MetricLogger, say
+from .weights import local_checkpoint
 
 
 @dataclass
@@ -63,6 +65,7 @@ def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, check
     """Load the checkpoint and apply the training mode (QLoRA quantizes the base while loading)."""
     from .model import Phi3VForCausalLM
 
+    checkpoint_dir = local_checkpoint(checkpoint_dir)  # s3://… → downloaded once per node, verified, cached
     mode = cfg.mode_enum
     kwargs = {"attn_implementation": hw.attention}
     if mode is Mode.QLORA:
@@ -180,20 +183,25 @@ def _broadcast_text(text: str, worker: Worker) -> str:
     return bytes(buf.cpu().tolist()).decode()
 
 
+# Errors no retry can fix; an access-denied storage error stays denied until someone changes the policy.
+DETERMINISTIC_CAUSES = (("bad record", BadRecord), ("corrupt checkpoint", CheckpointCorrupt),
+                        ("storage access denied", StorageAccessDenied))
+
+
 def _deterministic_cause(err: BaseException) -> tuple[str, str | None]:
-    """("bad record" | "corrupt checkpoint", its message) when no retry can fix err, else ("", None).
+    """(kind from DETERMINISTIC_CAUSES, its message) when no retry can fix err, else ("", None).
 
     A bad record raised in a Ray Data actor reaches the worker as a RayTaskError whose cause chain
     holds only text: the remote traceback's `BadRecord: <file>:<line> (id=...): <reason>` line.
     """
     import traceback
 
-    for kind, cls in (("bad record", BadRecord), ("corrupt checkpoint", CheckpointCorrupt)):
+    for kind, cls in DETERMINISTIC_CAUSES:
         found = _cause_of_type(err, cls)
         if found is not None:
             return kind, str(found)
     text = "".join(traceback.format_exception(err))
-    for kind, cls in (("bad record", BadRecord), ("corrupt checkpoint", CheckpointCorrupt)):
+    for kind, cls in DETERMINISTIC_CAUSES:
         at = text.rfind(f"{cls.__name__}: ")
         if at >= 0:
             return kind, text[at + len(cls.__name__) + 2:].splitlines()[0].strip()
@@ -409,7 +417,7 @@ class Recipe:
 
     def save(self, directory: Path, final: bool) -> None:
         write_checkpoint(directory, self.engine, self.state, self.history, self.cfg.to_dict(), self.worker.rank,
-                         final_weights_from=self.plan.checkpoint_dir if final else None)
+                         final_weights_from=local_checkpoint(self.plan.checkpoint_dir, processor_only=True) if final else None)
 
     def cleanup(self) -> None:
         if self.logger is not None:

@@ -1,0 +1,391 @@
+"""Data, weights and run files on object storage, against a real S3 server (moto) on 127.0.0.1.
+
+The server runs in its own process (tests/s3_server.py); pyarrow reaches it through AWS_ENDPOINT_URL
+as it reaches a real bucket through the node's credentials. The bucket holds the demo data as
+jsonl + images, the same data as Parquet shards, and a tiny checkpoint with its checksums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from s3_server import s3_server
+
+BUCKET = "phi3v"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    with s3_server() as server:
+        server.client.create_bucket(Bucket=BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def bucket(s3, demo_data, tiny_ckpt, tmp_path_factory):
+    """s3://phi3v/{demo, demo-parquet, models/tiny}: what a user keeps in a bucket."""
+    from datasets_ray.shards import convert_to_shards
+    from phi3v_ray.storage import upload_dir
+    from phi3v_ray.weights import write_checksums
+
+    ckpt = tmp_path_factory.mktemp("ckpt") / "tiny"
+    shutil.copytree(tiny_ckpt, ckpt)
+    write_checksums(ckpt)
+    upload_dir(ckpt, f"s3://{BUCKET}/models/tiny")
+    upload_dir(demo_data, f"s3://{BUCKET}/demo")
+    convert_to_shards(demo_data, ["train", "val"], f"s3://{BUCKET}/demo-parquet", shard_rows=12)
+    return {"ckpt": f"s3://{BUCKET}/models/tiny", "local_ckpt": ckpt, "demo": f"s3://{BUCKET}/demo",
+            "parquet": f"s3://{BUCKET}/demo-parquet"}
+
+
+def _put(s3, key: str, body: bytes | str) -> str:
+    s3.client.put_object(Bucket=BUCKET, Key=key, Body=body.encode() if isinstance(body, str) else body)
+    return f"s3://{BUCKET}/{key}"
+
+
+# ------------------------------------------------------------------------------------ run files
+def test_run_files_on_a_bucket_are_written_whole(s3, tmp_path):
+    from datasets_ray.schema import write_jsonl
+    from phi3v_ray.storage import append_text, delete_file, is_dir, is_file, list_names, read_text, write_text
+
+    run = f"s3://{BUCKET}/runs/files"
+    write_text(f"{run}/a.json", "{}")
+    append_text(f"{run}/log.jsonl", "1\n")
+    append_text(f"{run}/log.jsonl", "2\n")
+    assert read_text(f"{run}/log.jsonl") == "1\n2\n" and read_text(f"{run}/none") is None
+    assert is_file(f"{run}/a.json") and is_dir(run) and not is_file(f"{run}/none")
+
+    def records_then_crash():
+        yield {"id": "1"}
+        raise RuntimeError("converter died")
+
+    for target in (f"{run}/half.jsonl", str(tmp_path / "half.jsonl")):  # a failed writer leaves no file at all
+        with pytest.raises(RuntimeError):
+            write_jsonl(target, records_then_crash())
+        assert not is_file(target)
+    assert list_names(run) == ["a.json", "log.jsonl"]
+    assert os.listdir(tmp_path) == []  # not even a temporary file
+    delete_file(f"{run}/a.json")
+    assert list_names(run) == ["log.jsonl"]
+
+
+def test_config_accepts_bucket_paths_and_names_missing_ones(bucket):
+    from phi3v_ray.config import ConfigError, TrainConfig
+
+    demo = bucket["demo"]
+    cfg = TrainConfig.from_flat(checkpoint=bucket["ckpt"], train_file=f"{demo}/train.jsonl",
+                                val_file=f"{bucket['parquet']}/val", images_root=f"{demo}/images")
+    cfg.validate()
+    TrainConfig.from_flat(checkpoint=bucket["ckpt"], train_file=f"{bucket['parquet']}/train").validate()  # no images_root
+    with pytest.raises(ConfigError) as err:
+        cfg.replace(train_file=f"{demo}/nope.jsonl", images_root=f"{demo}/no-images",
+                    checkpoint=f"s3://{BUCKET}/models/none").validate()
+    assert {p.field for p in err.value.problems} == {"train_file", "images_root", "checkpoint"}
+
+
+# ------------------------------------------------------------------------------------ weights
+def _cache_env(tmp_path) -> dict:
+    return dict(os.environ, PHI3V_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(Path(__file__).parents[1]))
+
+
+def test_checkpoint_is_fetched_once_per_node_verified_and_reused(bucket, tmp_path, monkeypatch):
+    from phi3v_ray.processor import Phi3VProcessor
+    from phi3v_ray.weights import cache_dir_for, local_checkpoint
+
+    env = _cache_env(tmp_path)
+    monkeypatch.setenv("PHI3V_CACHE_DIR", env["PHI3V_CACHE_DIR"])
+    code = "import sys; from phi3v_ray.weights import local_checkpoint; print(local_checkpoint(sys.argv[1]))"
+    # Four processes on one node at once (as eight workers would): one downloads, the others wait for it.
+    procs = [subprocess.Popen([sys.executable, "-c", code, bucket["ckpt"]], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    target = cache_dir_for(bucket["ckpt"])
+    assert outs == {str(target)}
+    log = target.parent / "downloads.log"
+    assert len(log.read_text().splitlines()) == 1
+    for path in bucket["local_ckpt"].iterdir():
+        assert hashlib.sha256((target / path.name).read_bytes()).digest() == hashlib.sha256(path.read_bytes()).digest()
+    assert json.loads((target / ".phi3v-cache.json").read_text())["verified"] == "sha256"
+
+    assert local_checkpoint(bucket["ckpt"]) == str(target)  # reused
+    assert len(log.read_text().splitlines()) == 1
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a damaged copy is fetched again
+    local_checkpoint(bucket["ckpt"])
+    assert len(log.read_text().splitlines()) == 2 and weights.stat().st_size > 100
+
+    processor = Phi3VProcessor.from_pretrained(bucket["ckpt"], num_crops=1)  # tokenizer files only, no weights
+    assert processor.encode_text("red", add_special_tokens=False)
+    assert not (cache_dir_for(bucket["ckpt"], processor_only=True) / "model.safetensors").exists()
+
+
+def test_checkpoint_that_fails_its_checksums_is_refused(s3, bucket, tmp_path, monkeypatch):
+    from phi3v_ray.storage import upload_dir
+    from phi3v_ray.weights import CheckpointDownloadError, cache_dir_for, local_checkpoint
+
+    monkeypatch.setenv("PHI3V_CACHE_DIR", str(tmp_path / "cache"))
+    bad = tmp_path / "bad"
+    shutil.copytree(bucket["local_ckpt"], bad)
+    (bad / "config.json").write_text((bad / "config.json").read_text().replace("64", "65", 1))  # same size, other bytes
+    upload_dir(bad, f"s3://{BUCKET}/models/bad")
+    with pytest.raises(CheckpointDownloadError, match=r"models/bad/config.json: sha256 .* checksums.sha256 says"):
+        local_checkpoint(f"s3://{BUCKET}/models/bad")
+    assert not cache_dir_for(f"s3://{BUCKET}/models/bad").exists()  # nothing half-downloaded is left to be reused
+    assert not list(cache_dir_for(f"s3://{BUCKET}/models/bad").parent.glob(".full.partial-*"))
+
+
+# ------------------------------------------------------------------------------------ data
+def _run_actor(data, paths, manifest, split="train"):
+    """The preprocessing actor's class, called in this process on the manifest rows (what Ray Data would pass)."""
+    import numpy as np
+
+    from datasets_ray.pipeline import Phi3VPreprocessor, _read_jsonl
+
+    rows = list(_read_jsonl(manifest.path))
+    batch = {k: np.asarray([r[k] for r in rows], dtype=object) for k in ("id", "_file", "_line", "record")}
+    return Phi3VPreprocessor(data, paths, split)(batch)
+
+
+def test_bad_records_on_a_bucket_are_handled_as_locally(s3, bucket, tmp_path, monkeypatch):
+    from datasets_ray.pipeline import DataPaths, quarantine_report, read_quarantine, write_manifest
+    from datasets_ray.schema import BadRecord
+    from phi3v_ray.config import DataConfig
+
+    monkeypatch.setenv("PHI3V_CACHE_DIR", str(tmp_path / "cache"))
+    demo = bucket["demo"]
+    good = [json.loads(line) for line in s3.client.get_object(Bucket=BUCKET, Key="demo/train.jsonl")["Body"].read()
+            .decode().splitlines()[:3]]
+    good = [r for r in good if len(r["conversations"][0]["images"]) == 1][:1] or good[:1]
+    png = s3.client.get_object(Bucket=BUCKET, Key=f"demo/images/{good[0]['conversations'][0]['images'][0]}")["Body"].read()
+    _put(s3, "demo/images/bad/truncated.png", png[: len(png) // 2])
+    one = good[0]["conversations"][0]
+
+    def rec(rid, image):
+        return {"id": rid, "source": "t", "conversations": [{**one, "images": [image]}]}
+
+    records = [good[0], rec("gone", "bad/missing.png"), rec("cut", "bad/truncated.png"), rec("esc", "../x.png")]
+    train = _put(s3, "bad/train.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    run = f"s3://{BUCKET}/runs/bad"
+    paths = DataPaths(processor_dir=bucket["ckpt"], quarantine_dir=f"{run}/quarantine", work_dir=f"{run}/data")
+    data = DataConfig(train_file=train, images_root=f"{demo}/images", num_crops=1, on_bad_record="skip")
+
+    manifest = write_manifest(data, paths, [train], "train")  # the escaping path is refused on the driver
+    assert manifest.num_good == 3 and manifest.path == f"{run}/data/train.manifest.jsonl"
+    out = _run_actor(data, paths, manifest)  # the missing and the truncated object when fetched
+    assert list(out["id"]) == [good[0]["id"]]
+    assert quarantine_report(paths.quarantine_dir) == {"train.validate": 1, "train.decode": 2}
+    reasons = {e["id"]: (e["file"], e["line"], e["reason"]) for e in read_quarantine(paths.quarantine_dir, "train")}
+    assert reasons["gone"][:2] == (train, 2) and f"does not exist under {demo}/images" in reasons["gone"][2]
+    assert reasons["cut"][:2] == (train, 3) and "cannot be decoded" in reasons["cut"][2]
+
+    fail = DataConfig(train_file=train, images_root=f"{demo}/images", num_crops=1, on_bad_record="fail")
+    with pytest.raises(BadRecord, match=r"s3://phi3v/bad/train.jsonl:4 \(id=esc\).*'\.\.'"):
+        write_manifest(fail, paths, [train], "train")
+    ok = fail.replace(train_file=train) if hasattr(fail, "replace") else fail
+    train2 = _put(s3, "bad/train2.jsonl", "".join(json.dumps(r) + "\n" for r in records[:2]))
+    with pytest.raises(BadRecord, match=r"s3://phi3v/bad/train2.jsonl:2 \(id=gone\): image 'bad/missing.png' does not"):
+        _run_actor(ok, paths, write_manifest(ok, paths, [train2], "train"))
+
+
+def test_access_denied_is_a_named_error_not_a_bad_record(demo_data, tiny_ckpt, tmp_path, monkeypatch):
+    import boto3
+
+    from datasets_ray.pipeline import DataPaths, Phi3VPreprocessor, write_manifest
+    from phi3v_ray.config import DataConfig, TrainConfig
+    from phi3v_ray.storage import StorageAccessDenied, read_bytes
+    from phi3v_ray.weights import local_checkpoint
+
+    # The first three requests (bucket, object, the user's key) are free; after that credentials count.
+    with s3_server(no_auth_actions=4, set_environ=False) as locked:
+        locked.client.create_bucket(Bucket="locked")
+        image = sorted((demo_data / "images").rglob("*.png"))[0]
+        locked.client.put_object(Bucket="locked", Key="images/a.png", Body=image.read_bytes())
+        iam = boto3.client("iam", endpoint_url=locked.endpoint, region_name="us-east-1",
+                           aws_access_key_id="testing", aws_secret_access_key="testing")
+        iam.create_user(UserName="no-policy")
+        key = iam.create_access_key(UserName="no-policy")["AccessKey"]
+        for k, v in {**locked.env, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                     "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("PHI3V_CACHE_DIR", str(tmp_path / "cache"))
+
+        with pytest.raises(StorageAccessDenied, match=r"access denied to s3://locked/images/a.png: grant .* read access"):
+            read_bytes("s3://locked/images/a.png")
+        with pytest.raises(StorageAccessDenied, match="s3://locked/models/tiny"):
+            local_checkpoint("s3://locked/models/tiny")
+        problems = TrainConfig.from_flat(checkpoint="s3://locked/models/tiny", train_file=str(demo_data / "train.jsonl"),
+                                         images_root="s3://locked/images").path_problems()
+        assert {p.field: "access denied" in p.fix for p in problems} == {"checkpoint": True, "images_root": True}
+
+        # In the actor: one denied image stops the run with the named error (it is the cluster's problem, not the record's).
+        data = DataConfig(images_root="s3://locked/images", num_crops=1, on_bad_record="skip")
+        paths = DataPaths(processor_dir=str(tiny_ckpt), quarantine_dir=str(tmp_path / "q"), work_dir=str(tmp_path / "w"))
+        one = json.loads((demo_data / "train.jsonl").read_text().splitlines()[0])
+        rec = {**one, "conversations": [{**one["conversations"][0], "images": ["a.png"]}]}
+        jsonl = tmp_path / "t.jsonl"
+        jsonl.write_text(json.dumps(rec) + "\n")
+        manifest = write_manifest(data, paths, [str(jsonl)], "train")
+        with pytest.raises(StorageAccessDenied, match="s3://locked/images/a.png"):
+            _run_actor(data, paths, manifest)
+        assert not (tmp_path / "q").exists() or not any((tmp_path / "q").glob("*decode*"))
+    del Phi3VPreprocessor
+
+
+def test_parquet_shards_give_the_same_rows_as_jsonl_and_images(bucket, demo_data, tiny_ckpt, tmp_path, monkeypatch):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from datasets_ray.pipeline import DataPaths, Phi3VPreprocessor, write_manifest
+    from phi3v_ray.storage import filesystem, list_names
+    from phi3v_ray.config import DataConfig
+
+    monkeypatch.setenv("PHI3V_CACHE_DIR", str(tmp_path / "cache"))
+    shards = f"{bucket['parquet']}/train"
+    assert list_names(shards) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]  # 32 rows by 12
+    data = DataConfig(train_file=shards, num_crops=1, on_bad_record="skip")
+    paths = DataPaths(processor_dir=str(tiny_ckpt), quarantine_dir=str(tmp_path / "q"), work_dir=str(tmp_path / "w"))
+    manifest = write_manifest(data, paths, [shards], "train")
+    assert manifest.num_good == 32 and manifest.parquet is not None and len(manifest.parquet.shards) == 3
+
+    # What read_parquet(..., include_paths=True) hands the actor: the shard's rows and its path without the scheme.
+    fs, inner = filesystem(manifest.parquet.shards[0])
+    table = pq.read_table(inner, filesystem=fs)
+    batch = {c: np.asarray(table.column(c).to_pylist(), dtype=object) for c in ("id", "row", "record")}
+    batch["images"] = np.asarray([np.asarray(x, dtype=object) for x in table.column("images").to_pylist()] + [None],
+                                 dtype=object)[:-1]
+    batch["path"] = np.asarray([inner] * len(table), dtype=object)
+    from_parquet = Phi3VPreprocessor(data, paths, "train", manifest.parquet)(batch)
+
+    local = DataConfig(train_file=str(demo_data / "train.jsonl"), images_root=str(demo_data / "images"), num_crops=1)
+    from_files = _run_actor(local, paths, write_manifest(local, paths, [local.train_file], "train"))
+    assert list(from_parquet["id"]) == list(from_files["id"])[:12]
+    for a, b in zip(from_parquet["pixel_crops"], from_files["pixel_crops"]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(from_parquet["input_ids"], from_files["input_ids"]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_convert_cli_writes_parquet_to_a_bucket(s3, demo_data, tmp_path):
+    from datasets_ray.convert_cli import add_convert_parser
+    import argparse
+
+    from datasets_ray.shards import list_shards, read_shard_records
+
+    images = sorted((demo_data / "images").rglob("*.png"))[:2]
+    table = tmp_path / "raw" / "train.jsonl"
+    table.parent.mkdir()
+    table.write_text("".join(json.dumps({"image": str(p), "question": "What colour?", "answer": "red"}) + "\n"
+                             for p in images))
+    parser = argparse.ArgumentParser()
+    add_convert_parser(parser.add_subparsers())
+    out = f"s3://{BUCKET}/converted"
+    args = parser.parse_args(["convert", "generic", "--src", str(table.parent), "--out", out, "--format", "parquet"])
+    assert args.func(args) == 0
+    rows = read_shard_records(list_shards(f"{out}/train")[0])
+    assert [r[0] for r in rows] == [1, 2] and json.loads(rows[0][1])["conversations"][0]["assistant"] == "red"
+
+
+# ------------------------------------------------------------------------------------ a whole run
+@pytest.fixture
+def bucket_cluster(s3, tmp_path, monkeypatch):
+    """head (CPU 0) + data node + two gpu_pool nodes (as tests/test_multinode.py), each node with its own cache disk."""
+    import tempfile
+
+    import ray
+    import ray._common.utils
+    import ray._private.utils
+    from ray.cluster_utils import Cluster
+    from test_multinode import NODE_OBJECT_STORE, _free_port
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
+    monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
+    gcs_port = _free_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{gcs_port}")
+    temp_dir = tempfile.mkdtemp(prefix="rs3", dir="/tmp")
+    caches = {name: tmp_path / "node-disks" / name for name in ("data", "gpu0", "gpu1")}
+    c = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=0, gcs_server_port=gcs_port, temp_dir=temp_dir, include_dashboard=False,
+        object_store_memory=NODE_OBJECT_STORE, env_vars={"PHI3V_CACHE_DIR": str(tmp_path / "node-disks" / "head")}))
+    try:
+        def node(name, **resources):
+            return c.add_node(num_cpus=2, resources=resources, object_store_memory=NODE_OBJECT_STORE,
+                              env_vars={"PHI3V_CACHE_DIR": str(caches[name])})
+
+        node("data", data_node=4), node("gpu0", gpu_pool=1), node("gpu1", gpu_pool=1)
+        c.wait_for_nodes()
+        yield c, caches
+    finally:
+        c.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_train_from_a_bucket_with_no_shared_filesystem(s3, bucket, bucket_cluster, tmp_path):
+    """`phi3v-ray train` with data, images, weights and runs all in the bucket, on four raylets; the driver's
+    working directory stays empty until the datasets are planned and is then deleted, before any worker, actor
+    or read task starts, so nothing can read a driver-local path. (Ray's own connect and MKL's loader need
+    the working directory to exist while the driver starts.)"""
+    from datasets_ray.pipeline import quarantine_report
+    from phi3v_ray.storage import list_names, read_text
+
+    c, caches = bucket_cluster
+    demo = bucket["demo"]
+    lines = s3.client.get_object(Bucket=BUCKET, Key="demo/train.jsonl")["Body"].read().decode().splitlines()
+    lost = json.loads(lines[0])
+    lost = {**lost, "id": "lost", "conversations": [{**t, "images": [f"lost/{i}.png" for i, _ in enumerate(t["images"])]}
+                                                    for t in lost["conversations"]]}
+    train = _put(s3, "mn/train.jsonl", "\n".join(lines + [json.dumps(lost)]) + "\n")  # 32 good records + 1 gone
+    runs = f"s3://{BUCKET}/runs"
+    overrides = [
+        "name=bucket-run", f"storage_path={runs}", f"checkpoint={bucket['ckpt']}", f"train_file={train}",
+        f"images_root={demo}/images", f"val_file={bucket['parquet']}/val", "on_bad_record=skip",
+        "num_crops=1", "precision=fp32", "attention=sdpa", "mode=lora", "lora_rank=4", "lora_alpha=8", "micro_batch=2",
+        "grad_accum=1", "num_workers=2", "max_steps=2", "warmup_steps=1", "eval_before=false", "max_failures=0",
+        "eval_max_samples=4", "max_new_tokens=4", "use_gpu=false", "worker_resource=gpu_pool",
+        "data_node_resource=data_node", "cpus_per_worker=1.0", "preprocess_cpus=0.5",
+    ]
+    driver_dir = tmp_path / "driver"
+    driver_dir.mkdir()
+    cli = Path(sys.executable).parent / "phi3v-ray"
+    env = dict(os.environ, PHI3V_CACHE_DIR=str(tmp_path / "driver-cache"), PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.Popen([str(cli), "train", *overrides], cwd=driver_dir, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[phi3v-ray] run bucket-run:"):  # datasets planned, nothing read or trained yet
+            assert list(driver_dir.iterdir()) == []  # no manifest, quarantine or cache was written here
+            shutil.rmtree(driver_dir)  # from now on a driver-local path would fail, on the driver and everywhere
+            break
+    out = "".join(lines) + proc.communicate(timeout=900)[0]
+    print(out[-6000:])
+    assert proc.returncode == 0, out[-4000:]
+    assert not driver_dir.exists()
+
+    run = f"{runs}/bucket-run"
+    keys = [k["Key"] for k in s3.client.list_objects_v2(Bucket=BUCKET, Prefix="runs/bucket-run/")["Contents"]]
+    state = sorted(k for k in keys if k.startswith("runs/bucket-run/checkpoint_") and k.endswith("train_state.json"))
+    assert state and json.loads(read_text(f"s3://{BUCKET}/{state[-1]}"))["state"]["step"] == 2
+    dropped = {k: v for k, v in quarantine_report(f"{run}/quarantine").items() if v}
+    assert dropped == {"train.decode": 1}  # the record whose images are not in the bucket, named in the quarantine
+    assert {k: v for k, v in json.loads(read_text(f"{run}/artifacts/dropped.json")).items() if v} == dropped
+    assert {"train.manifest.jsonl", "val.manifest.jsonl"} <= set(list_names(f"{run}/data"))
+    assert "runs/bucket-run/artifacts/eval/after.json" in keys  # evaluated on the Parquet val shards
+
+    # One download per node and kind: the checkpoint and its tokenizer on each training node, the tokenizer
+    # alone on the data node (however many preprocessing actors it runs).
+    downloads = {name: sorted(json.loads(line)["kind"] for d in cache.rglob("downloads.log")
+                              for line in d.read_text().splitlines()) for name, cache in caches.items()}
+    assert downloads == {"data": ["processor"], "gpu0": ["full", "processor"], "gpu1": ["full", "processor"]}
+    assert not (tmp_path / "driver-cache").exists()  # the driver never needed the weights
