@@ -21,6 +21,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -189,8 +190,13 @@ def test_config_loads_without_torch():
 _SIBLINGS = sorted(p.name for p in ROOT.parent.iterdir() if p != ROOT)
 OUTSIDE = re.compile("|".join([re.escape(str(ROOT.parent)) + "/"]
                               + [r"\.\./" + re.escape(name) + r"\b" for name in _SIBLINGS]))
+# A checkout directly in a system folder (/tmp, the home directory) shares it with scratch paths and
+# unrelated entries the tests may name legitimately: there the check cannot tell, and is skipped.
+_IN_SYSTEM_FOLDER = ROOT.parent.resolve() in {Path("/"), Path("/tmp"), Path(tempfile.gettempdir()).resolve(),
+                                              Path.home().resolve()}
 
 
+@pytest.mark.skipif(_IN_SYSTEM_FOLDER, reason="the checkout sits directly in a system folder")
 def test_tests_and_bench_read_nothing_outside_the_repository():
     bad = []
     for f in _files("tests/**/*", "bench/**/*", *(f"{p}/**/*" for p in PACKAGES)):

@@ -364,7 +364,7 @@ def test_train_from_a_bucket_with_no_shared_filesystem(s3, bucket, bucket_cluste
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("[phi3v-ray] run bucket-run:"):  # datasets planned, nothing read or trained yet
+        if line.startswith("[phi3v-ray] run bucket-run "):  # the start line: datasets planned, nothing read or trained yet
             assert list(driver_dir.iterdir()) == []  # no manifest, quarantine or cache was written here
             shutil.rmtree(driver_dir)  # from now on a driver-local path would fail, on the driver and everywhere
             break
