@@ -319,6 +319,12 @@ class Recipe:
         after_step = fault_hook(self.worker.rank, cfg.fault_injection)
         window = _Window()
         done = state.step >= self.plan.total_steps
+        if done:
+            # Resumed from the run's final checkpoint (its driver died after writing it): nothing is left to
+            # train, but Ray Train and Tune must still get the final result, once, from every rank.
+            last = next((row for row in reversed(self.history) if "loss" in row), {})
+            self.report({**last, "step": state.step})
+            return
         while not done and state.epoch < cfg.epochs:
             stepped = False
             for micro_batches, epoch_ends in self._steps_of_epoch():

@@ -104,6 +104,13 @@ def test_reports_come_on_a_cadence_while_every_step_is_logged(ray_local, tmp_pat
     assert _logged_steps(cfg) == list(range(1, 9))
     assert result.metrics["step"] == 8 and "loss" in result.metrics
 
+    # Started again after its final checkpoint (as when a sweep's driver died just after it): nothing to
+    # train, and the final result is reported once more, so Ray Train and Tune end with step 8, not older.
+    again = run_training(cfg, callbacks=[ReportedSteps(reports)], start_ray=False)
+    assert [int(x) for x in reports.read_text().split()] == [4, 8, 8]
+    assert again.metrics["step"] == 8 and again.metrics["loss"] == result.metrics["loss"]
+    assert _logged_steps(cfg) == list(range(1, 9))
+
 
 # LoRA with dropout: the adapters' dropout masks come from the RNG, so a resume that lost the RNG state,
 # the AdamW moments or the schedule would give different losses after the interruption.
