@@ -75,8 +75,9 @@ def eval_target(path: str) -> EvalTarget:
     root = Path(path)
     if root.name in ("model", "adapter") and (root.parent / STATE_FILE).is_file():
         root = root.parent
-    if not (root / STATE_FILE).is_file() and list_checkpoints(str(root)):
-        final = [c for c in list_checkpoints(str(root)) if (Path(c) / "model").is_dir() or (Path(c) / "adapter").is_dir()]
+    checkpoints = [] if (root / STATE_FILE).is_file() else list_checkpoints(str(root))
+    if checkpoints:
+        final = [c for c in checkpoints if (Path(c) / "model").is_dir() or (Path(c) / "adapter").is_dir()]
         if not final:
             raise ConfigError([Problem("checkpoint", path, "this run has no finished checkpoint (model/ or adapter/); "
                                                            "finish it or name one of its checkpoint_* directories")])
@@ -150,7 +151,7 @@ def check_resume(cfg: TrainConfig) -> None:
 
 def _value(cfg: TrainConfig, key: str):
     value = getattr(cfg, key) if hasattr(cfg, key) else getattr(cfg.data, key)
-    if key == "lora_rank" or key == "lora_alpha" or key == "lora_vision":
+    if key in ("lora_rank", "lora_alpha", "lora_vision"):
         return value if cfg.mode_enum.uses_lora else None
     if isinstance(value, str) and value and not is_remote(value) and key in PATH_SETTINGS:
         return str(Path(value).expanduser().absolute())

@@ -7,6 +7,7 @@ whole, so an append re-uploads the object.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -171,14 +172,23 @@ def join(base: str, *parts: str) -> str:
     return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-def _info(path: str):
-    fs, inner = filesystem(path)
+@contextlib.contextmanager
+def _named_denial(path: str):
+    """A filesystem call on `path`: a refusal of the credentials becomes StorageAccessDenied naming it."""
     try:
-        return fs.get_file_info(inner)
+        yield
+    except FileNotFoundError:
+        raise
     except OSError as err:
         if is_access_denied(err):
             raise StorageAccessDenied(path, str(err)) from None
         raise
+
+
+def _info(path: str):
+    fs, inner = filesystem(path)
+    with _named_denial(path):
+        return fs.get_file_info(inner)
 
 
 def is_file(path: str) -> bool:
@@ -205,15 +215,8 @@ def read_bytes(path: str, fs=None, inner: str | None = None) -> bytes:
     """
     if fs is None:
         fs, inner = filesystem(path)
-    try:
-        with fs.open_input_stream(inner) as f:
-            return f.read()
-    except FileNotFoundError:
-        raise
-    except OSError as err:
-        if is_access_denied(err):
-            raise StorageAccessDenied(path, str(err)) from None
-        raise
+    with _named_denial(path), fs.open_input_stream(inner) as f:
+        return f.read()
 
 
 def open_text(path: str):
@@ -223,14 +226,8 @@ def open_text(path: str):
     if not is_remote(path):
         return open(path, encoding="utf-8")
     fs, inner = filesystem(path)
-    try:
+    with _named_denial(path):
         return io.TextIOWrapper(fs.open_input_stream(inner), encoding="utf-8")
-    except FileNotFoundError:
-        raise
-    except OSError as err:
-        if is_access_denied(err):
-            raise StorageAccessDenied(path, str(err)) from None
-        raise
 
 
 def list_files(directory: str) -> dict[str, tuple[int, int]]:
@@ -238,12 +235,8 @@ def list_files(directory: str) -> dict[str, tuple[int, int]]:
     import pyarrow.fs
 
     fs, inner = filesystem(directory)
-    try:
+    with _named_denial(directory):
         infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True, allow_not_found=True))
-    except OSError as err:
-        if is_access_denied(err):
-            raise StorageAccessDenied(directory, str(err)) from None
-        raise
     prefix = inner.rstrip("/") + "/"
     out = {}
     for info in infos:
