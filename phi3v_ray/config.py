@@ -361,6 +361,12 @@ class TrainConfig:
                                     "set a training jsonl (or run the default demo: `phi3v-ray train` with no config)"))
         if self.eval_only and not self.data.val_file:
             problems.append(Problem("val_file", self.data.val_file, "evaluation needs a validation jsonl"))
+        if "://" in self.resolved_storage_path:  # Ray Train opens it on every node: refuse a URI no node can open
+            from .storage import unsupported
+
+            why = unsupported(self.resolved_storage_path)
+            if why:
+                problems.append(Problem("storage_path", self.resolved_storage_path, why))
         return problems + self.data.path_problems()
 
     def validate(self, earlier: Sequence[Problem] = ()) -> "TrainConfig":
@@ -376,12 +382,12 @@ class TrainConfig:
 def _missing(path: str, directory: bool = False, shards: bool = False) -> str | None:
     """None when `path` (local or s3://, gs://, abfs://) is there, "" when it is not, the reason when this
     process may not look; credentials come from the environment or the node's identity, never the config."""
-    from .storage import StorageAccessDenied, is_dir, is_file
+    from .storage import StorageAccessDenied, StorageUnsupported, is_dir, is_file
 
     try:
         if (not directory and is_file(path)) or ((directory or shards) and is_dir(path)):
             return None
-    except StorageAccessDenied as err:
+    except (StorageAccessDenied, StorageUnsupported) as err:
         return str(err)
     return ""
 

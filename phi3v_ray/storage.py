@@ -23,10 +23,70 @@ def local_run_dir(run_dir: str) -> Path:
     return Path(run_dir) if not is_remote(run_dir) else Path("runs").resolve() / run_dir.rstrip("/").rsplit("/", 1)[-1]
 
 
+# The object stores phi3v-ray reads and writes, each through pyarrow's own filesystem (as Ray Train opens
+# storage_path and Ray Data reads the data): scheme → (pyarrow module that holds it, its name, a URI's form).
+SCHEMES = {
+    "s3": ("pyarrow._s3fs", "S3", "s3://BUCKET/prefix"),
+    "gs": ("pyarrow._gcsfs", "GCS", "gs://BUCKET/prefix"),
+    "gcs": ("pyarrow._gcsfs", "GCS", "gs://BUCKET/prefix"),
+    "abfs": ("pyarrow._azurefs", "Azure", "abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/prefix"),
+    "abfss": ("pyarrow._azurefs", "Azure", "abfss://CONTAINER@ACCOUNT.dfs.core.windows.net/prefix"),
+}
+# Schemes other tools use for the same stores; pyarrow (and so Ray) does not know them.
+_OTHER_NAMES = {"s3a": "s3", "s3n": "s3", "az": "abfs", "adl": "abfs", "wasb": "abfs", "wasbs": "abfs"}
+_PYARROW_OTHERS = ("file", "hdfs", "viewfs")  # pyarrow opens these too; no cloud, nothing to check
+
+
+class StorageUnsupported(ValueError):
+    """A URI this Python cannot open at all: an unknown scheme, a malformed URI, or a pyarrow built without
+    that store's filesystem. Found before any request is made; names the URI and the fix."""
+
+
+def unsupported(path: str) -> str | None:
+    """Why `path` (a URI) cannot be opened here, or None; looks at nothing but the URI and the installed pyarrow."""
+    import importlib
+
+    import pyarrow
+
+    scheme = str(path).split("://", 1)[0].lower()
+    if scheme in _OTHER_NAMES:
+        form = SCHEMES[_OTHER_NAMES[scheme]][2]
+        return f"{path}: {scheme}:// is another tool's name for this store; write it as {form}"
+    if scheme in _PYARROW_OTHERS:
+        return None
+    if scheme not in SCHEMES:
+        return (f"{path}: unknown storage scheme {scheme}://; use a local or NFS path, or one of "
+                f"{', '.join(f'{s}://' for s in SCHEMES)}")
+    module, name, _ = SCHEMES[scheme]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return (f"{path}: this pyarrow ({pyarrow.__version__}) was built without its {name} filesystem, which "
+                f"phi3v-ray, Ray Train and Ray Data all open {scheme}:// URIs with; install the PyPI wheel, which has "
+                f"it: pip install --force-reinstall 'pyarrow>=17' (see cluster/README.md, 'Which package each "
+                f"scheme needs')")
+    return None
+
+
 def _filesystem(path: str):
+    """(pyarrow filesystem, path inside it) for a URI; StorageUnsupported naming the URI when it cannot be opened."""
+    import pyarrow
     import pyarrow.fs
 
-    return pyarrow.fs.FileSystem.from_uri(path)  # (filesystem, path inside it)
+    why = unsupported(path)
+    if why:
+        raise StorageUnsupported(why)
+    scheme = str(path).split("://", 1)[0].lower()
+    form = f"; write it as {SCHEMES[scheme][2]}" if scheme in SCHEMES else ""
+    try:
+        return pyarrow.fs.FileSystem.from_uri(path)
+    except ImportError as err:  # a module missing on the Python side only
+        raise StorageUnsupported(unsupported(path) or f"{path}: {err}") from err
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError) as err:  # unknown scheme, malformed URI, built without it
+        if "compiled without" in str(err) or "not built with" in str(err):
+            raise StorageUnsupported(f"{path}: this pyarrow ({pyarrow.__version__}) cannot open it ({err}); "
+                                     f"pip install --force-reinstall 'pyarrow>=17' (see cluster/README.md)") from err
+        raise StorageUnsupported(f"{path}: {err}{form}") from err
 
 
 def write_text(path: str, text: str) -> None:
@@ -103,9 +163,9 @@ def list_checkpoints(run_dir: str) -> list[str]:
             infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
         except (FileNotFoundError, OSError):
             return []
-        scheme = run_dir.split("://", 1)[0]
         names = [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory]
-        return [f"{scheme}://{inner.rstrip('/')}/{n}" for n in sorted(names, reverse=True) if n.startswith("checkpoint_")]
+        # joined to the URI as given: an abfs:// URI's account is not part of the path inside the filesystem
+        return [join(run_dir, n) for n in sorted(names, reverse=True) if n.startswith("checkpoint_")]
     root = Path(run_dir)
     if not root.is_dir():
         return []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,6 +90,39 @@ def test_config_accepts_bucket_paths_and_names_missing_ones(bucket):
         cfg.replace(train_file=f"{demo}/nope.jsonl", images_root=f"{demo}/no-images",
                     checkpoint=f"s3://{BUCKET}/models/none").validate()
     assert {p.field for p in err.value.problems} == {"train_file", "images_root", "checkpoint"}
+
+
+# ------------------------------------------------------------------------------------ schemes (no server)
+def test_a_store_this_pyarrow_cannot_open_names_the_package_to_install(demo_data, monkeypatch):
+    from phi3v_ray.config import TrainConfig
+    from phi3v_ray.storage import StorageUnsupported, read_text
+
+    # A pyarrow built without GCS and Azure, as Python sees it: those filesystem modules are not there.
+    monkeypatch.setitem(sys.modules, "pyarrow._gcsfs", None)
+    monkeypatch.setitem(sys.modules, "pyarrow._azurefs", None)
+    gcs, azure = "gs://data/runs", "abfs://data@account.dfs.core.windows.net/runs"
+    for uri, name in ((gcs, "GCS"), (azure, "Azure")):
+        with pytest.raises(StorageUnsupported, match=rf"^{re.escape(uri)}/a.json: this pyarrow \(.*\) was built without "
+                                                     rf"its {name} filesystem.*pip install .*'pyarrow>=17'"):
+            read_text(f"{uri}/a.json")
+    # The driver says so for every setting before Ray starts (storage_path: Ray Train opens it on every node).
+    cfg = TrainConfig.from_flat(storage_path=gcs, checkpoint=f"{azure}/model", train_file=f"{gcs}/train.jsonl",
+                                images_root=str(demo_data / "images"))
+    named = {p.field for p in cfg.path_problems() if "pip install" in p.fix}
+    assert named == {"storage_path", "checkpoint", "train_file"}
+
+
+@pytest.mark.parametrize("uri, fix", [
+    ("az://data/x", "az:// is another tool's name for this store; write it as abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/"),
+    ("abfs://data/x", "write it as abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/"),  # no account: pyarrow's own check
+    ("s4://bucket/x", "unknown storage scheme s4://; use a local or NFS path, or one of s3://, gs://"),
+])
+def test_a_malformed_or_unknown_uri_is_named_with_its_form(uri, fix):
+    from phi3v_ray.storage import StorageUnsupported, filesystem
+
+    with pytest.raises(StorageUnsupported, match=re.escape(fix)) as err:
+        filesystem(uri)
+    assert str(err.value).startswith(f"{uri}: ")
 
 
 # ------------------------------------------------------------------------------------ weights
