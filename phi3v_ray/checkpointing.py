@@ -110,8 +110,12 @@ def write_manifest(directory: Path, rank: int, world_size: int) -> Path:
     return target
 
 
-def verify_checkpoint(directory: Path) -> list[str]:
-    """Every problem of a checkpoint directory (empty when it is complete and intact), each naming the file."""
+def verify_checkpoint(directory: Path, only: tuple[str, ...] | None = None) -> list[str]:
+    """Every problem of a checkpoint directory (empty when it is complete and intact), each naming the file.
+
+    With `only` (path prefixes, e.g. ("model/", "train_state.json")), just the listed files under those are
+    checked: what an export fetched of a checkpoint in a bucket. Every rank's manifest is still required.
+    """
     directory = Path(directory)
     manifests = sorted(directory.glob("manifest_rank*.json"))
     if not manifests:
@@ -129,6 +133,8 @@ def verify_checkpoint(directory: Path) -> list[str]:
         if missing:
             problems.append(f"{directory}: manifests of ranks {missing} missing (a rank's piece never arrived)")
     for rel, entry in sorted(listed.items()):
+        if only is not None and not rel.startswith(only):
+            continue
         path = directory / rel
         if not path.is_file():
             problems.append(f"{path}: missing")

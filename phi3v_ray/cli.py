@@ -4,6 +4,7 @@
     phi3v-ray train --config docvqa mode=lora checkpoint=/models/Phi-3.5-vision-instruct ...
     phi3v-ray eval checkpoint=runs/x/checkpoint_.../model val_file=... images_root=...
     phi3v-ray export --run runs/phi3v-demo --out exported/
+    phi3v-ray export --run s3://bucket/runs/docvqa --out exported/     # fetches and verifies the final weights
     phi3v-ray predict --run runs/phi3v-demo --image page.png --question "What is the total?"
 """
 
@@ -75,9 +76,19 @@ def _only_run_keys(overrides: list[str]) -> bool:
 
 
 def _export(args) -> int:
+    from .checkpointing import CheckpointCorrupt
     from .export import export
+    from .storage import StorageAccessDenied
+    from .weights import CheckpointDownloadError
 
-    out = export(run=args.run, checkpoint=args.checkpoint, base=args.base, out=args.out)
+    try:
+        out = export(run=args.run, checkpoint=args.checkpoint, base=args.base, out=args.out)
+    except (CheckpointCorrupt, CheckpointDownloadError) as err:  # damaged weights are never exported
+        print(f"phi3v-ray: {err}", file=sys.stderr)
+        return 4
+    except (FileNotFoundError, ValueError, StorageAccessDenied) as err:  # each names the path or flag at fault
+        print(f"phi3v-ray: {err}", file=sys.stderr)
+        return 2
     print(f"exported to {out}")
     return 0
 
@@ -114,11 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value")
         p.set_defaults(func=_train)
 
-    p = sub.add_parser("export", help="write a run's final weights in the official layout (LoRA merged)")
-    p.add_argument("--run", help="a run directory (storage_path/name); its latest checkpoint is exported")
-    p.add_argument("--checkpoint", help="a checkpoint directory holding model/ or adapter/")
+    p = sub.add_parser("export", help="write a run's final weights in the official layout (LoRA merged)",
+                       description="Write a run's final weights in the official layout (LoRA merged). --run and "
+                                   "--checkpoint may be local, NFS or on object storage (s3://, gs://, abfs://): "
+                                   "only the final weights, train_state.json and the manifests are downloaded, and "
+                                   "verified before anything is written.")
+    p.add_argument("--run", help="a run directory (storage_path/name, local or a URI); its latest checkpoint is exported")
+    p.add_argument("--checkpoint", help="a checkpoint directory holding model/ or adapter/ (local or a URI)")
     p.add_argument("--base", help="base model for an adapter (default: the run's checkpoint setting)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True,
+                   help="a local folder (upload it afterwards with aws s3 sync / gcloud storage rsync / azcopy)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("predict", help="answer a question about images or a video (or a jsonl of records), on the CPU")

@@ -101,25 +101,32 @@ def _cached_matches(target: Path, uri: str, listing: dict[str, tuple[int, int]])
     return True
 
 
-def _download(uri: str, listing: dict[str, tuple[int, int]], target: Path, complete: bool = True) -> None:
+def download_files(uri: str, listing: dict[str, tuple[int, int]], dest: Path) -> dict[str, str]:
+    """Copy the listed files under `uri` ({relative path: (size, mtime_ns)}, as `list_files` gives) into `dest`;
+    returns each file's SHA-256. A file whose size differs from its listing raises CheckpointDownloadError."""
     fs, inner = filesystem(uri)
+    hashes = {}
+    for rel, (size, _) in sorted(listing.items()):
+        target = Path(dest) / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest, got = hashlib.sha256(), 0
+        with fs.open_input_stream(f"{inner.rstrip('/')}/{rel}") as src, open(target, "wb") as out:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                got += len(chunk)
+        if got != size:
+            raise CheckpointDownloadError(f"{uri.rstrip('/')}/{rel}: downloaded {got} bytes, the listing says {size}")
+        hashes[rel] = digest.hexdigest()
+    return hashes
+
+
+def _download(uri: str, listing: dict[str, tuple[int, int]], target: Path, complete: bool = True) -> None:
     partial = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     t0 = time.perf_counter()
     try:
-        hashes = {}
-        for rel, (size, _) in sorted(listing.items()):
-            dest = partial / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            digest, got = hashlib.sha256(), 0
-            with fs.open_input_stream(f"{inner.rstrip('/')}/{rel}") as src, open(dest, "wb") as out:
-                while chunk := src.read(CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    got += len(chunk)
-            if got != size:
-                raise CheckpointDownloadError(f"{uri}/{rel}: downloaded {got} bytes, the listing says {size}")
-            hashes[rel] = digest.hexdigest()
+        hashes = download_files(uri, listing, partial)
         expected = _read_checksums(partial / CHECKSUM_FILE) if CHECKSUM_FILE in listing else {}
         for rel, want in expected.items():
             if rel not in hashes:

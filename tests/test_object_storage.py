@@ -328,6 +328,120 @@ def test_convert_cli_writes_parquet_to_a_bucket(s3, demo_data, tmp_path):
     assert [r[0] for r in rows] == [1, 2] and json.loads(rows[0][1])["conversations"][0]["assistant"] == "red"
 
 
+# ------------------------------------------------------------------------------------ export
+def _checkpoint(ckpt: Path, tiny_ckpt: Path, checkpoint: str, final: bool = True) -> Path:
+    """A full-mode checkpoint as a run leaves it, written with the project's own helpers: an optimizer shard the
+    export never needs, train_state.json, model/ when it is the final one, and the manifest last."""
+    from phi3v_ray.checkpointing import write_manifest
+    from phi3v_ray.config import TrainConfig
+
+    (ckpt / "deepspeed").mkdir(parents=True)
+    (ckpt / "deepspeed" / "optim_states_rank0.pt").write_bytes(os.urandom(64 * 1024))
+    if final:
+        shutil.copytree(tiny_ckpt, ckpt / "model")
+    config = TrainConfig.from_flat(name=ckpt.parent.name, checkpoint=checkpoint, mode="full", num_crops=1)
+    (ckpt / "train_state.json").write_text(json.dumps({"state": {"step": 2, "epoch": 0, "batch_in_epoch": 0,
+                                                                 "resumed_at": []}, "history": [],
+                                                       "config": config.to_dict()}))
+    write_manifest(ckpt, 0, 1)
+    return ckpt
+
+
+def test_export_a_run_from_a_bucket_fetches_only_the_final_weights(s3, bucket, tiny_ckpt, tmp_path, monkeypatch,
+                                                                   capsys):
+    from phi3v_ray import weights
+    from phi3v_ray.cli import main
+    from phi3v_ray.storage import upload_dir
+
+    run = tmp_path / "run" / "exp"
+    final = _checkpoint(run / "checkpoint_2026-11-29_10-00-00.000000", tiny_ckpt, bucket["ckpt"])
+    _checkpoint(run / "checkpoint_2026-11-29_11-00-00.000000", tiny_ckpt, bucket["ckpt"], final=False)  # newer, no weights
+    upload_dir(run, f"s3://{BUCKET}/runs/exp")
+    fetched, download = [], weights.download_files
+    monkeypatch.setattr(weights, "download_files",
+                        lambda uri, listing, dest: fetched.append((uri, sorted(listing))) or download(uri, listing, dest))
+
+    out = tmp_path / "exported" / "exp"
+    assert main(["export", "--run", f"s3://{BUCKET}/runs/exp", "--out", str(out)]) == 0
+    assert f"exported to {out}" in capsys.readouterr().out
+    model_files = sorted(f"model/{p.name}" for p in tiny_ckpt.iterdir())
+    assert fetched == [(f"s3://{BUCKET}/runs/exp/{final.name}",
+                        ["manifest_rank0.json", *model_files, "train_state.json"])]  # no optimizer shard
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in tiny_ckpt.iterdir())
+    for path in tiny_ckpt.iterdir():
+        assert (out / path.name).read_bytes() == path.read_bytes()
+    assert os.listdir(out.parent) == ["exp"]  # the download folder beside it is gone
+
+
+def test_export_from_a_bucket_refuses_damaged_weights_and_local_only_out(s3, bucket, tiny_ckpt, tmp_path, capsys):
+    from phi3v_ray.cli import main
+    from phi3v_ray.storage import upload_dir
+
+    run = tmp_path / "run" / "bad"
+    ckpt = _checkpoint(run / "checkpoint_2026-11-29_10-00-00.000000", tiny_ckpt, bucket["ckpt"])
+    config = ckpt / "model" / "config.json"
+    config.write_text(config.read_text().replace("64", "65", 1))  # same size, other bytes, after the manifest
+    upload_dir(run, f"s3://{BUCKET}/runs/bad")
+    uri = f"s3://{BUCKET}/runs/bad/{ckpt.name}"
+
+    out = tmp_path / "exported" / "bad"
+    assert main(["export", "--checkpoint", uri, "--out", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert f"phi3v-ray: checkpoint {uri} failed verification: {uri}/model/config.json: SHA-256 differs" in err
+    assert not out.exists() and os.listdir(out.parent) == []  # nothing written, nothing left behind
+
+    assert main(["export", "--checkpoint", uri, "--out", f"s3://{BUCKET}/exported"]) == 2
+    assert "export writes a local folder" in capsys.readouterr().err
+    _checkpoint(tmp_path / "run" / "unfinished" / "checkpoint_2026-11-29_10-00-00.000000", tiny_ckpt, bucket["ckpt"],
+                final=False)
+    upload_dir(tmp_path / "run" / "unfinished", f"s3://{BUCKET}/runs/unfinished")
+    assert main(["export", "--run", f"s3://{BUCKET}/runs/unfinished", "--out", str(out)]) == 2
+    assert "runs/unfinished: no checkpoint with final weights" in capsys.readouterr().err
+
+
+def test_export_merges_an_adapter_in_a_bucket_into_its_base_in_the_bucket(s3, bucket, tiny_ckpt, tmp_path,
+                                                                            monkeypatch):
+    """A LoRA run's adapter and its recorded base (`checkpoint=s3://…`) both come from the bucket; the merged
+    weights equal those exported from the same checkpoint on local disk."""
+    import torch
+    from safetensors.torch import load_file
+
+    from phi3v_ray.checkpointing import export_weights, write_manifest
+    from phi3v_ray.config import TrainConfig
+    from phi3v_ray.export import export
+    from phi3v_ray.hardware import resolve_hardware
+    from phi3v_ray.storage import upload_dir
+    from phi3v_ray.train import load_model
+    from phi3v_ray.weights import cache_dir_for
+
+    monkeypatch.setenv("PHI3V_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = TrainConfig.from_flat(name="lora", mode="lora", checkpoint=bucket["ckpt"], lora_rank=4, lora_alpha=8,
+                                num_crops=1, precision="fp32", attention="sdpa")
+    torch.manual_seed(0)
+    model = load_model(cfg, resolve_hardware(None, "fp32", "sdpa"), torch.device("cpu"), str(tiny_ckpt), training=False)
+    with torch.no_grad():  # a trained adapter: B is no longer zero, so merging changes the weights
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    ckpt = tmp_path / "run" / "lora" / "checkpoint_2026-11-29_12-00-00.000000"
+    ckpt.mkdir(parents=True)
+    export_weights(model, ckpt, str(tiny_ckpt))
+    (ckpt / "train_state.json").write_text(json.dumps({"state": {"step": 1, "epoch": 0, "batch_in_epoch": 0,
+                                                                 "resumed_at": []}, "history": [],
+                                                       "config": cfg.to_dict()}))
+    write_manifest(ckpt, 0, 1)
+    upload_dir(ckpt.parent, f"s3://{BUCKET}/runs/lora")
+
+    remote = export(tmp_path / "from-bucket", run=f"s3://{BUCKET}/runs/lora")
+    local = export(tmp_path / "from-disk", checkpoint=str(ckpt), base=str(tiny_ckpt))
+    merged, expected = load_file(str(remote / "model.safetensors")), load_file(str(local / "model.safetensors"))
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in merged)
+    base = load_file(str(tiny_ckpt / "model.safetensors"))
+    assert any(not torch.equal(merged[k], base[k]) for k in merged if k in base)
+    assert (remote / "tokenizer.json").read_bytes() == (tiny_ckpt / "tokenizer.json").read_bytes()
+    assert (cache_dir_for(bucket["ckpt"]) / "model.safetensors").is_file()  # the base came from the bucket
+
+
 # ------------------------------------------------------------------------------------ a whole run
 @pytest.fixture
 def bucket_cluster(s3, tmp_path, monkeypatch):
