@@ -1,5 +1,7 @@
 """Every file under cluster/ parses, has the keys its kind needs, pins the Ray version of
-pyproject.toml, and keeps the dashboard / Jobs API private. New YAML files are picked up by glob.
+pyproject.toml, keeps the dashboard / Jobs API private, and is bucket-first: runs, data and weights
+on the cloud's object store, read as the nodes' own identity, with no shared volume required.
+New YAML files are picked up by glob.
 """
 
 import json
@@ -22,6 +24,9 @@ LAUNCHER_REQUIRED = (
 KUBERAY_KINDS = ("RayCluster", "RayJob")
 EXPOSED_SERVICE_TYPES = ("LoadBalancer", "NodePort")
 PRIVATE_HOSTS = ("127.0.0.1", "localhost")
+# The object store each launcher's cloud has (phi3v_ray.storage opens them); KubeRay runs on any of them.
+OBJECT_STORE = {"aws": ("s3://",), "gcp": ("gs://",), "azure": ("abfs://", "abfss://")}
+ANY_OBJECT_STORE = tuple(scheme for schemes in OBJECT_STORE.values() for scheme in schemes)
 
 
 def _ray_pin() -> str:
@@ -85,7 +90,7 @@ def _is_number(x) -> bool:
 
 def test_expected_files_exist():
     names = {p.relative_to(CLUSTER).as_posix() for p in YAML_FILES}
-    for name in ("aws.yaml", "gcp.yaml", "azure.yaml",
+    for name in ("aws.yaml", "gcp.yaml", "azure.yaml", "kuberay/shared.yaml", "kuberay/nfs.yaml",
                  "kuberay/raycluster.yaml", "kuberay/rayjob.yaml"):
         assert name in names
     assert (CLUSTER / "README.md").is_file()
@@ -276,32 +281,96 @@ def test_kuberay_structure(path, doc):
     assert gpu_groups >= 2, "expect GPU worker groups of more than one kind"
 
 
+def _objects(kind: str) -> dict:
+    """Every Kubernetes object of a kind defined under cluster/: name -> (file, object)."""
+    return {d["metadata"]["name"]: (p, d) for p in YAML_FILES for d in _docs(p)
+            if isinstance(d, dict) and d.get("kind") == kind}
+
+
 @pytest.mark.parametrize("path, doc", KUBERAY_DOCS)
-def test_kuberay_images_and_checkpoint_volume(path, doc):
-    claims = {
-        d["metadata"]["name"]: d
-        for p in YAML_FILES
-        for d in _docs(p)
-        if isinstance(d, dict) and d.get("kind") == "PersistentVolumeClaim"
-    }
+def test_kuberay_images_and_any_claim_they_mount(path, doc):
+    claims = _objects("PersistentVolumeClaim")
     for name, template in _pod_templates(_cluster_spec(doc)):
         pod = template["spec"]
         for container in pod["containers"]:
             assert container["image"].split(":")[-1].startswith(RAY_PIN), (name, container["image"])
-            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
-            assert "/mnt/checkpoints" in mounts, f"{name}: /mnt/checkpoints not mounted"
-        volumes = {v["name"]: v for v in pod.get("volumes", [])}
-        claim = volumes["checkpoints"]["persistentVolumeClaim"]["claimName"]
-        assert claim in claims, f"{name}: PVC {claim} is not defined under cluster/"
-        assert "ReadWriteMany" in claims[claim]["spec"]["accessModes"]
+        for volume in pod.get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                claim = volume["persistentVolumeClaim"]["claimName"]
+                assert claim in claims, f"{name}: PVC {claim} is not defined under cluster/"
+                assert "ReadWriteMany" in claims[claim][1]["spec"]["accessModes"]
 
 
-def test_rayjob_runs_the_trainer_on_shared_storage():
+# ---- bucket-first storage -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, doc", KUBERAY_DOCS)
+def test_kuberay_pods_share_no_volume_and_run_as_a_storage_identity(path, doc):
+    accounts = _objects("ServiceAccount")
+    for name, template in _pod_templates(_cluster_spec(doc)):
+        pod = template["spec"]
+        shared = [v["name"] for v in pod.get("volumes", []) if {"persistentVolumeClaim", "nfs"} & set(v)]
+        assert not shared, f"{path.name} {name}: mounts {shared} by default (a bucket needs no shared volume)"
+        account = pod.get("serviceAccountName")
+        assert account in accounts, f"{path.name} {name}: no ServiceAccount under cluster/ to bind a cloud identity to"
+        assert accounts[account][0].name == "shared.yaml", "the identity is applied with shared.yaml, once"
+        assert template["metadata"]["labels"].get("azure.workload.identity/use") == "true", name  # AKS needs it
+        for container in pod["containers"]:
+            for env in container.get("env", []):
+                if env["name"] == "PHI3V_STORAGE_PATH":
+                    assert env["value"].startswith(ANY_OBJECT_STORE), (name, env["value"])
+
+
+def test_rayjob_trains_from_a_bucket():
     jobs = [doc for _, doc in (p.values for p in KUBERAY_DOCS) if doc["kind"] == "RayJob"]
     assert jobs
     for job in jobs:
         entry = job["spec"]["entrypoint"]
-        assert entry.startswith("phi3v-ray train") and "storage_path=/mnt/checkpoints" in entry
+        assert entry.startswith("phi3v-ray train"), entry
+        settings = dict(re.findall(r"(\w+)=(\S+)", entry))
+        for key in ("storage_path", "checkpoint", "train_file", "val_file"):
+            assert settings.get(key, "").startswith(ANY_OBJECT_STORE), f"{key}={settings.get(key)!r} is not in a bucket"
+        runtime_env = yaml.safe_load(job["spec"].get("runtimeEnvYAML") or "{}") or {}
+        value = (runtime_env.get("env_vars") or {}).get("PHI3V_STORAGE_PATH")
+        assert value is None or value.startswith(ANY_OBJECT_STORE), value
+
+
+def test_a_shared_volume_is_an_option_not_a_requirement():
+    path, claim = _objects("PersistentVolumeClaim")["phi3v-checkpoints"]
+    assert path.name == "nfs.yaml" and "ReadWriteMany" in claim["spec"]["accessModes"]
+    assert not any(d.get("kind") == "PersistentVolumeClaim" for d in _docs(CLUSTER / "kuberay" / "shared.yaml"))
+    for name in ("raycluster.yaml", "rayjob.yaml"):  # shown where it would go, commented out
+        lines = (CLUSTER / "kuberay" / name).read_text().splitlines()
+        uses = [line for line in lines if "claimName: phi3v-checkpoints" in line]
+        assert uses and all(line.lstrip().startswith("#") for line in uses), name
+
+
+@pytest.mark.parametrize("path, cfg", LAUNCHER_DOCS)
+def test_launcher_storage_path_is_the_clouds_object_store_and_nothing_mounts_nfs(path, cfg):
+    schemes = OBJECT_STORE[cfg["provider"]["type"]]
+    exported = re.findall(r"export PHI3V_STORAGE_PATH=([^\s'\"]+)", " ".join(cfg["setup_commands"]))
+    assert exported and all(v.startswith(schemes) for v in exported), exported
+    commands = " ".join(c for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                                      "worker_setup_commands") for c in cfg.get(key) or [])
+    assert not re.search(r"\bmount\b|\bnfs\b|/mnt/checkpoints", commands, re.I), "a shared file system is an option only"
+
+
+def test_azure_nodes_run_as_a_managed_identity_that_outlives_the_cluster():
+    """Storage roles are granted to one identity once; the one the launcher makes is deleted by `ray down`."""
+    (azure,) = [doc for _, doc in (p.values for p in LAUNCHER_DOCS) if doc["provider"]["type"] == "azure"]
+    assert azure["provider"].get("msi_name") and azure["provider"].get("msi_resource_group")
+    assert azure["provider"]["msi_resource_group"] != azure["provider"]["resource_group"]
+
+
+@pytest.mark.parametrize("path", [p for p in ALL_CLUSTER_FILES if p.suffix != ".md"],
+                         ids=lambda p: str(p.relative_to(CLUSTER)))
+def test_no_storage_credentials_in_any_file(path):
+    """Keys, secrets and SAS tokens come from the node's or pod's identity, never from a file here."""
+    text = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
+    found = re.findall(r"AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|AWS_SESSION_TOKEN|AZURE_STORAGE_KEY|AZURE_CLIENT_SECRET|"
+                       r"AZURE_STORAGE_SAS_TOKEN|AZURE_STORAGE_CONNECTION_STRING|GOOGLE_APPLICATION_CREDENTIALS|"
+                       r"account_key|sas_token|AccountKey=", text)
+    assert not found, f"{path.name}: {found}"
 
 
 # ---- repository-wide checks ---------------------------------------------------------------------
