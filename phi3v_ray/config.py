@@ -168,7 +168,7 @@ class TrainConfig:
 
     # --- run ---
     name: str = _f("phi3v-demo", "run name; the same name + storage_path resumes the run")
-    storage_path: str = _f("", "where checkpoints and results go (local path, NFS, s3://, gs://); default "
+    storage_path: str = _f("", "where checkpoints and results go (local path, NFS, s3://, gs://, abfs://); default "
                                "$PHI3V_STORAGE_PATH or ./runs")
     seed: int = _f(0, "seed for weights of new adapters, dropout and data order")
     # --- model ---
