@@ -66,8 +66,8 @@ def _fetch_verified(uri: str, dest: Path) -> None:
     if folder is None:
         raise FileNotFoundError(f"{uri}: holds neither model/ nor adapter/ (not a run's final checkpoint)"
                                 if listing else f"{uri}: no files (expected a checkpoint_* directory)")
-    wanted = {rel: sig for rel, sig in listing.items()
-              if rel.startswith(f"{folder}/") or rel == STATE_FILE or ("/" not in rel and rel.startswith("manifest_rank"))}
+    manifests = {rel for rel in listing if "/" not in rel and rel.startswith("manifest_rank")}
+    wanted = {rel: sig for rel, sig in listing.items() if rel.startswith(f"{folder}/") or rel in (STATE_FILE, *manifests)}
     from .weights import download_files
 
     download_files(uri, wanted, dest)

