@@ -19,6 +19,8 @@ from .constants import END_ID, IGNORE_INDEX
 from .metrics import clean_prediction, summarize
 from .processor import Phi3VProcessor, crops_per_image
 
+LENGTH_WINDOW = 4  # evaluation batches are cut from this many batches' worth of prompts, sorted by length
+
 
 @lru_cache(maxsize=4)
 def _processor(checkpoint_dir: str) -> Phi3VProcessor:
@@ -93,11 +95,13 @@ def evaluate(model, val_ds, cfg, plan, device, rank: int, world: int, step: int,
     limit = cfg.eval_max_samples or None
 
     def flush():
-        if not pending:
-            return
-        texts, p_yes = generate_answers(model, processor, [p for p, _ in pending], cfg.max_new_tokens, device, autocast)
-        for (_, meta), text, p in zip(pending, texts, p_yes):
-            mine.append({**meta, "prediction": clean_prediction(text), "raw": text, "p_yes": p})
+        # Prompts of similar length share a batch, so a short prompt is not padded to an 8-frame one.
+        pending.sort(key=lambda item: len(item[0]["input_ids"]))
+        for start in range(0, len(pending), cfg.eval_batch):
+            chunk = pending[start:start + cfg.eval_batch]
+            texts, p_yes = generate_answers(model, processor, [p for p, _ in chunk], cfg.max_new_tokens, device, autocast)
+            for (_, meta), text, p in zip(chunk, texts, p_yes):
+                mine.append({**meta, "prediction": clean_prediction(text), "raw": text, "p_yes": p})
         pending.clear()
 
     index = 0
@@ -112,7 +116,7 @@ def evaluate(model, val_ds, cfg, plan, device, rank: int, world: int, step: int,
                 meta = {"id": _text(row.get("id", index)), "task": _text(row["task"]) if "task" in row else None,
                         "answers": answers}
                 pending.append((prompt, meta))
-                if len(pending) == cfg.eval_batch:
+                if len(pending) == cfg.eval_batch * LENGTH_WINDOW:
                     flush()
             index += 1
     flush()
