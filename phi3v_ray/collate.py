@@ -6,7 +6,8 @@ The attention mask comes from sequence lengths, never from the pad id: the pad i
 Right padding for training, left padding for generation.
 
     training worker: iter_train_batches(shard, ...) ──▶ Phi3VCollate ──▶ collate (right padding, pinned on CUDA)
-        ──▶ to_device (engine): non-blocking copies; uint8 crops → float pixel_values on the device
+        ──▶ to_device (engine): non-blocking copies; uint8 crops → float pixel_values on the device;
+            a right-padded training batch goes without its attention mask (causal attention suffices)
 
 Nothing here imports Ray: `iter_train_batches` only calls the shard's own `iter_batches`.
 """
@@ -100,18 +101,35 @@ def _empty(shape: tuple, dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device, training: bool = False) -> dict:
     """A collated host batch → the model's inputs on `device`.
 
     Tensors are copied non-blocking (asynchronous when `collate` pinned them); uint8 pixel_crops
     become the model's float pixel_values there (`pixel_values_from_crops`, reading the host copy of
     image_sizes, so nothing waits for the device).
+
+    training=True (the engine's step): a batch padded on the right only, or not at all, goes without
+    its attention mask (attention_mask None). Under causal attention a real token attends only to
+    earlier positions, which right padding never is, so its output is the same with or without the
+    mask; the padding's own outputs carry no label. Without a mask the attention runs its causal path
+    (SDPA `is_causal=True`, flash-attn's dense kernel) instead of a dense (B, 1, T, T) mask, which rules
+    out SDPA's flash kernel. Decided here, on the host copy: no device sync. Left-padded batches
+    (generation) keep their mask.
     """
+    drop = training and batch.get("attention_mask") is not None and right_padded(batch["attention_mask"])
     out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    if drop:
+        out["attention_mask"] = None
     crops = out.pop("pixel_crops", None)
     if crops is not None:
         out["pixel_values"] = pixel_values_from_crops(crops, batch["image_sizes"])
     return out
+
+
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row is ones then zeros (padding on the right only, or none)."""
+    mask = attention_mask.bool()
+    return bool(mask[:, :1].all()) and bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def _num_images(row: dict) -> int:

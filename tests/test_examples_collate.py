@@ -355,3 +355,18 @@ def test_evaluation_prompts_from_uint8_rows_generate_what_float_rows_do(tiny_ckp
     a = generate_answers(model, processor, [float_prompt], 4, torch.device("cpu"))
     b = generate_answers(model, processor, [crop_prompt], 4, torch.device("cpu"))
     assert a == b
+
+
+# ------------------------------------------------------------------------------------ the training copy
+def test_training_copies_send_no_attention_mask_for_right_padding_only(processor, processor2):
+    from phi3v_ray.collate import right_padded, to_device
+
+    rows = [_as_row(e) for e in _rows(processor, processor2)]
+    cpu = torch.device("cpu")
+    right, left, same = collate(rows), collate(rows, padding_side="left"), collate(rows[:1] * 2)
+    assert right_padded(right["attention_mask"]) and right_padded(same["attention_mask"])
+    assert not right_padded(left["attention_mask"])
+    assert to_device(right, cpu, training=True)["attention_mask"] is None
+    assert to_device(same, cpu, training=True)["attention_mask"] is None
+    torch.testing.assert_close(to_device(left, cpu, training=True)["attention_mask"], left["attention_mask"])
+    torch.testing.assert_close(to_device(right, cpu)["attention_mask"], right["attention_mask"])  # generation, eval

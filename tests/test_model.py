@@ -541,3 +541,62 @@ def test_loss_only_equals_full_loss():
     torch.testing.assert_close(only.loss, full.loss, atol=1e-5, rtol=1e-5)
     n_supervised = int((labels[:, 1:] != -100).sum())
     assert only.logits.shape == (n_supervised, model.config.vocab_size)
+
+
+# --- attention without padding masks ------------------------------------------------
+
+
+class SdpaCalls:
+    """Records (mask shape or None, is_causal) of every SDPA call of the language model's layers."""
+
+    def __init__(self, monkeypatch, text_length: int):
+        self.calls = []
+        real = torch.nn.functional.scaled_dot_product_attention
+
+        def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+            if query.shape[-2] == text_length:  # not CLIP's 577-token crops
+                self.calls.append((None if attn_mask is None else tuple(attn_mask.shape), is_causal))
+            return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+
+
+def _labelled(ids: torch.Tensor) -> torch.Tensor:
+    labels = ids.clone()
+    labels[labels < 0] = -100
+    labels[:, :3] = -100
+    return labels
+
+
+def test_an_unpadded_batch_runs_causal_sdpa_without_a_mask(monkeypatch):
+    model = tiny_model(seed=1)
+    ids = image_prompt([ONE], text_between=6, seed=11)
+    common = dict(input_ids=ids, pixel_values=pixels(1, seed=11), image_sizes=torch.tensor([[336, 336]]))
+    spy = SdpaCalls(monkeypatch, ids.shape[1])
+    with torch.no_grad():
+        ones = model(**common, attention_mask=torch.ones_like(ids)).logits
+        none = model(**common).logits
+    assert torch.equal(ones, none)
+    layers = model.config.num_hidden_layers
+    assert spy.calls == [(None, True)] * (2 * layers)  # no (B, 1, T, T) mask: SDPA may pick its flash kernel
+
+
+def test_a_right_padded_training_batch_runs_without_a_mask_and_gives_the_masked_loss(monkeypatch):
+    from phi3v_ray.collate import collate, to_device
+
+    model = tiny_model(seed=2)
+    a, b = image_prompt([ONE], text_between=9, seed=12), image_prompt([ONE, ONE], text_between=2, seed=13)
+    rows = [{"input_ids": x[0].numpy(), "labels": _labelled(x)[0].numpy(), "pixel_values": p.numpy(),
+             "image_sizes": [[336, 336]] * len(p)} for x, p in ((a, pixels(1, seed=12)), (b, pixels(2, seed=13)))]
+    batch = collate(rows)
+    assert not batch["attention_mask"].all()
+    spy = SdpaCalls(monkeypatch, batch["input_ids"].shape[1])
+    with torch.no_grad():
+        masked = model(**batch, loss_only=True, num_items_in_batch=10)
+        free = model(**to_device(batch, torch.device("cpu"), training=True), loss_only=True, num_items_in_batch=10)
+    layers = model.config.num_hidden_layers
+    assert spy.calls[:layers] == [((2, 1) + (batch["input_ids"].shape[1],) * 2, False)] * layers
+    assert spy.calls[layers:] == [(None, True)] * layers
+    torch.testing.assert_close(free.loss, masked.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(free.logits, masked.logits, atol=1e-4, rtol=1e-4)  # the supervised positions' logits
+
