@@ -1,11 +1,13 @@
 """Batch collation: pad token rows, stack every sample's images along one axis; and the training
-worker's side of Ray Data, which turns a shard's numpy batches into these padded torch batches.
+worker's side of Ray Data, which turns a shard's numpy batches into these padded torch batches,
+optionally grouped by length first (`grouping.py`).
 
 The attention mask comes from sequence lengths, never from the pad id: the pad id (32000) is also
 `<|endoftext|>`, which sits inside every supervised answer (the recipe's collators hid it).
 Right padding for training, left padding for generation.
 
-    training worker: iter_train_batches(shard, ...) ──▶ Phi3VCollate ──▶ collate (right padding, pinned on CUDA)
+    training worker: iter_train_batches(shard, ...) ──▶ [group_by_length] ──▶ Phi3VCollate
+        ──▶ collate (right padding, pinned on CUDA)
         ──▶ to_device (engine): non-blocking copies; uint8 crops → float pixel_values on the device;
             a right-padded training batch goes without its attention mask (causal attention suffices)
 
@@ -155,7 +157,8 @@ def batch_rows(batch: dict[str, np.ndarray]) -> list[dict]:
 
 
 class Phi3VCollate:
-    """A numpy batch of pipeline rows (columns) → one padded torch batch via `collate`.
+    """A numpy batch of pipeline rows (columns), or a list of rows (`collate_rows`), → one padded torch
+    batch via `collate`.
 
     A batch without images has pixel_values and image_sizes None, as collate returns them; with
     return_ids the batch also carries "ids" (list of str), for logging and tests. pin_memory None
@@ -170,7 +173,10 @@ class Phi3VCollate:
         self.pin_memory = pin_memory
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-        rows = batch_rows(batch)
+        return self.collate_rows(batch_rows(batch))
+
+    def collate_rows(self, rows: list[dict]) -> dict:
+        """Rows (dicts of arrays) → one batch; what `iter_train_batches` calls on length-grouped rows."""
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         out = collate(rows, padding_side=self.padding_side, pad_to_multiple_of=self.pad_to_multiple_of, pin_memory=pin)
         if self.return_ids:
@@ -189,13 +195,16 @@ def iter_train_batches(
     drop_last: bool = False,
     prefetch_batches: int = 1,
     collate_fn: Phi3VCollate | None = None,
+    length_window: int = 0,
 ) -> Iterator[dict]:
     """Collated CPU torch batches of one epoch from a Dataset or a worker's shard (DataIterator).
 
-    The order depends only on (data, seed + epoch, shuffle_buffer, micro_batch): the pipeline
-    preserves order and the local shuffle buffer is seeded. skip_batches drops the first k
+    The order depends only on (data, seed + epoch, shuffle_buffer, micro_batch, length_window): the
+    pipeline preserves order and the local shuffle buffer is seeded. skip_batches drops the first k
     batches without collating them, so a run resumed mid-epoch continues where it stopped.
-    shuffle_buffer None or 0 keeps file order.
+    shuffle_buffer None or 0 keeps file order. length_window > 0 (with micro_batch > 1) groups rows of
+    similar length into the same micro-batch within windows of that many rows
+    (`phi3v_ray.grouping`); the epoch keeps its number of batches.
     """
     collate_fn = collate_fn or Phi3VCollate()
     batches = data.iter_batches(
@@ -206,6 +215,14 @@ def iter_train_batches(
         local_shuffle_buffer_size=shuffle_buffer or None,
         local_shuffle_seed=(seed + epoch) if shuffle_buffer else None,
     )
+    if length_window and micro_batch > 1:
+        from .grouping import group_by_length
+
+        rows = (row for batch in batches for row in batch_rows(batch))
+        for i, group in enumerate(group_by_length(rows, micro_batch, length_window, seed, epoch)):
+            if i >= skip_batches:
+                yield collate_fn.collate_rows(group)
+        return
     for i, batch in enumerate(batches):
         if i < skip_batches:
             continue

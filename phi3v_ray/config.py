@@ -212,6 +212,11 @@ class TrainConfig:
     micro_batch: int = _f(1, "examples per worker per forward pass", ge=1)
     grad_accum: int = _f(0, "micro batches per optimizer step; 0 = derive from global_batch", ge=0)
     global_batch: int = _f(64, "examples per optimizer step across all workers (used when grad_accum is 0)", ge=1)
+    group_by_length: bool = _f(True, "micro-batches of examples of similar length, so little padding is computed: "
+                                     "sorted within length_window examples of the shuffled stream (deterministic, "
+                                     "resumable); only with micro_batch > 1")
+    length_window: int = _f(64, "examples group_by_length sorts together (rounded up to whole micro-batches; they wait "
+                                "in host memory)", ge=1)
     # --- cluster ---
     num_workers: int = _f(1, "training workers (one per GPU)", ge=1)
     use_gpu: bool = _f(False, "train on GPUs")
@@ -252,6 +257,11 @@ class TrainConfig:
         if self.grad_accum > 0:
             return self.grad_accum
         return max(1, self.global_batch // max(1, self.micro_batch * self.num_workers))
+
+    @property
+    def length_grouping_window(self) -> int:
+        """Rows sorted together by length in the training batches; 0 = no grouping."""
+        return self.length_window if self.group_by_length and self.micro_batch > 1 else 0
 
     @property
     def effective_global_batch(self) -> int:

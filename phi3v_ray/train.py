@@ -284,7 +284,8 @@ class Recipe:
             trainable, total = count_parameters(self.engine.model)
             say(f"mode={cfg.mode} trainable {trainable:,} of {total:,} parameters; "
                 f"global batch {cfg.effective_global_batch} = micro {cfg.micro_batch} × workers {w.world_size} × "
-                f"accumulation {cfg.accumulation}; {self.plan.total_steps} optimizer steps; engine {self.engine.kind}")
+                f"accumulation {cfg.accumulation}; {self.plan.total_steps} optimizer steps; engine {self.engine.kind}; "
+                f"micro-batches {_batch_layout(cfg.length_grouping_window)}")
 
     # -- resume
     def resume(self) -> None:
@@ -355,7 +356,7 @@ class Recipe:
         """This epoch's optimizer steps from where the run stands: (micro-batches, is the epoch's last step)."""
         cfg, state = self.cfg, self.state
         batches = iter_train_batches(self.train_shard, cfg.micro_batch, epoch=state.epoch, seed=cfg.seed,
-                                     skip_batches=state.batch_in_epoch)
+                                     skip_batches=state.batch_in_epoch, length_window=cfg.length_grouping_window)
         group: list[dict] = []
         pending = None  # one batch of lookahead tells which group ends the epoch
         for batch in batches:
@@ -428,6 +429,12 @@ class Recipe:
     def cleanup(self) -> None:
         if self.logger is not None:
             self.logger.close()
+
+
+def _batch_layout(window: int) -> str:
+    """How this run's micro-batches are laid out, for the start line."""
+    grouping = f"grouped by length within {window} examples" if window else "in stream order"
+    return f"{grouping}, right-padded"
 
 
 class _Window:

@@ -199,6 +199,15 @@ def test_global_batch_is_derived_once():
         TrainConfig.from_flat(micro_batch=3, num_workers=4, global_batch=64, train_file="x").validate()
 
 
+def test_length_grouping_settings_resolve_and_validate():
+    assert TrainConfig(micro_batch=4).length_grouping_window == 64  # on by default where there is padding to save
+    assert TrainConfig(micro_batch=1).length_grouping_window == 0
+    assert TrainConfig(micro_batch=4, group_by_length=False).length_grouping_window == 0
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_flat(length_window=0, train_file="x").validate()
+    assert {p.field: p for p in err.value.problems}["length_window"].fix == "must be ≥ 1"
+
+
 def test_help_config_lists_every_setting_with_type_and_default(capsys):
     from phi3v_ray.cli import main
 

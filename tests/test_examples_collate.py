@@ -357,6 +357,72 @@ def test_evaluation_prompts_from_uint8_rows_generate_what_float_rows_do(tiny_ckp
     assert a == b
 
 
+# ------------------------------------------------------------------------------------ length grouping
+class _Shard:
+    """Stands in for a worker's Ray Data shard: `iter_batches` in stream order, numpy columns (Ray's seeded
+    shuffle itself is tested in test_pipeline.py)."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def iter_batches(self, batch_size, batch_format, drop_last, prefetch_batches, local_shuffle_buffer_size,
+                     local_shuffle_seed):
+        for k in range(0, len(self.rows), batch_size):
+            chunk = self.rows[k:k + batch_size]
+            if drop_last and len(chunk) < batch_size:
+                return
+            yield {key: _object_column([r[key] for r in chunk]) for key in chunk[0]}
+
+
+def _length_rows(lengths) -> list[dict]:
+    return [{"id": f"r{i}", "input_ids": np.full(n, 7, dtype=np.int64), "labels": np.full(n, 7, dtype=np.int64),
+             "num_tokens": np.int64(n)} for i, n in enumerate(lengths)]
+
+
+def _padded_fraction(batches) -> float:
+    batches = list(batches)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    return 1 - real / sum(b["attention_mask"].numel() for b in batches)
+
+
+def test_length_grouping_is_deterministic_resumable_and_keeps_the_epochs_batches():
+    from phi3v_ray.collate import Phi3VCollate, iter_train_batches
+
+    rng = np.random.default_rng(3)
+    shard = _Shard(_length_rows(rng.integers(50, 3000, size=50)))
+
+    def ids(epoch=0, skip=0, window=16, micro=4, **kw):
+        it = iter_train_batches(shard, micro, epoch=epoch, seed=5, skip_batches=skip, length_window=window,
+                                collate_fn=Phi3VCollate(return_ids=True), **kw)
+        return [b["ids"] for b in it]
+
+    grouped = ids()
+    assert [len(b) for b in grouped] == [4] * 12 + [2]  # ⌈50 / 4⌉ batches, the short one last, as ungrouped
+    assert sorted(sum(grouped, [])) == sorted(r["id"] for r in shard.rows)  # every row once
+    assert grouped == ids()  # deterministic for (seed, epoch)
+    assert ids(skip=5) == grouped[5:]  # a resumed run continues with the same batches
+    assert ids(epoch=1) != grouped and sorted(sum(ids(epoch=1), [])) == sorted(sum(grouped, []))
+    window = {r["id"] for r in shard.rows[:16]}  # grouping stays inside its window of the stream
+    assert {i for b in grouped[:4] for i in b} == window
+    assert ids(window=10) == ids(window=12)  # rounded up to whole micro-batches
+    assert [len(b) for b in ids(drop_last=True)] == [4] * 12
+    ungrouped = [b["ids"] for b in iter_train_batches(shard, 1, 0, 5, collate_fn=Phi3VCollate(return_ids=True))]
+    assert ids(micro=1) == ungrouped  # micro-batches of one have nothing to group
+
+    def fraction(window):
+        return _padded_fraction(iter_train_batches(shard, 4, 0, 5, length_window=window))
+
+    assert fraction(16) < 0.5 * fraction(0), (fraction(16), fraction(0))
+
+
+def test_length_grouping_does_not_order_batches_by_length():
+    from phi3v_ray.grouping import group_by_length
+
+    rows = _length_rows(range(100, 164))
+    widths = [max(len(r["input_ids"]) for r in b) for b in group_by_length(rows, 4, 64, seed=0, epoch=0)]
+    assert sorted(widths) == list(range(103, 164, 4)) and widths != sorted(widths)
+
+
 # ------------------------------------------------------------------------------------ the training copy
 def test_training_copies_send_no_attention_mask_for_right_padding_only(processor, processor2):
     from phi3v_ray.collate import right_padded, to_device
