@@ -1,13 +1,13 @@
 """Batch collation: pad token rows, stack every sample's images along one axis; and the training
-worker's side of Ray Data, which turns a shard's numpy batches into these padded torch batches,
-optionally grouped by length first (`grouping.py`).
+worker's side of Ray Data, which turns a shard's numpy batches into these padded (or packed,
+`packing.py`) torch batches, optionally grouped by length first (`grouping.py`).
 
 The attention mask comes from sequence lengths, never from the pad id: the pad id (32000) is also
 `<|endoftext|>`, which sits inside every supervised answer (the recipe's collators hid it).
 Right padding for training, left padding for generation.
 
     training worker: iter_train_batches(shard, ...) ──▶ [group_by_length] ──▶ Phi3VCollate
-        ──▶ collate (right padding, pinned on CUDA)
+        ──▶ collate (right padding, pinned on CUDA) or pack (padding-free rows)
         ──▶ to_device (engine): non-blocking copies; uint8 crops → float pixel_values on the device;
             a right-padded training batch goes without its attention mask (causal attention suffices)
 
@@ -59,8 +59,6 @@ def collate(
         "input_ids": _empty((n, width), torch.int64, pin_memory).fill_(pad_id),
         "attention_mask": _empty((n, width), torch.int64, pin_memory).zero_(),
         "labels": _empty((n, width), torch.int64, pin_memory).fill_(IGNORE_INDEX),
-        "pixel_values": None,
-        "image_sizes": None,
     }
     input_ids, attention_mask, labels = (batch[k].numpy() for k in ("input_ids", "attention_mask", "labels"))
     for i, (row, length) in enumerate(zip(rows, lengths)):
@@ -70,33 +68,41 @@ def collate(
         if row.get("labels") is not None:
             labels[i, span] = row["labels"]
 
+    batch.update(collate_images(rows, pin_memory))
+    return batch
+
+
+def collate_images(rows: Sequence[dict], pin_memory: bool = False) -> dict:
+    """The pixels and image_sizes of `rows`, concatenated in row order (see `collate`): pixel_values and
+    image_sizes None when no row has an image; pixel_crops instead of pixel_values for uint8 rows."""
+    out = {"pixel_values": None, "image_sizes": None}
     with_images = [r for r in rows if _num_images(r)]
     if not with_images:
-        return batch
+        return out
     sizes = [np.asarray(r["image_sizes"], dtype=np.int64).reshape(-1, 2) for r in with_images]
-    batch["image_sizes"] = torch.from_numpy(np.concatenate(sizes, axis=0))
+    out["image_sizes"] = torch.from_numpy(np.concatenate(sizes, axis=0))
     if pin_memory:
-        batch["image_sizes"] = batch["image_sizes"].pin_memory()
+        out["image_sizes"] = out["image_sizes"].pin_memory()
     uint8 = [r.get("pixel_crops") is not None for r in with_images]
     if all(uint8):
         crops = [r["pixel_crops"] for r in with_images]
-        out = _empty((sum(c.shape[0] for c in crops), *crops[0].shape[1:]), torch.uint8, pin_memory)
-        np.concatenate(crops, axis=0, out=out.numpy())
-        batch["pixel_crops"] = out
+        buf = _empty((sum(c.shape[0] for c in crops), *crops[0].shape[1:]), torch.uint8, pin_memory)
+        np.concatenate(crops, axis=0, out=buf.numpy())
+        out["pixel_crops"] = buf
     elif not any(uint8):
         images = [r["pixel_values"] for r in with_images]
         slots = max(p.shape[1] for p in images)
-        out = _empty((sum(p.shape[0] for p in images), slots, *images[0].shape[2:]), torch.float32, pin_memory)
-        view, k = out.numpy(), 0
+        buf = _empty((sum(p.shape[0] for p in images), slots, *images[0].shape[2:]), torch.float32, pin_memory)
+        view, k = buf.numpy(), 0
         for p in images:
             view[k : k + p.shape[0], : p.shape[1]] = p
             view[k : k + p.shape[0], p.shape[1] :] = 0
             k += p.shape[0]
-        batch["pixel_values"] = out
+        out["pixel_values"] = buf
     else:
         raise ValueError("rows mix pixel layouts: some carry pixel_crops (uint8), others pixel_values (float); "
                          "build every row of a dataset with the same DataConfig.pixel_format")
-    return batch
+    return out
 
 
 def _empty(shape: tuple, dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
@@ -157,20 +163,23 @@ def batch_rows(batch: dict[str, np.ndarray]) -> list[dict]:
 
 
 class Phi3VCollate:
-    """A numpy batch of pipeline rows (columns), or a list of rows (`collate_rows`), → one padded torch
-    batch via `collate`.
+    """A numpy batch of pipeline rows (columns), or a list of rows (`collate_rows`), → one torch batch.
 
-    A batch without images has pixel_values and image_sizes None, as collate returns them; with
-    return_ids the batch also carries "ids" (list of str), for logging and tests. pin_memory None
-    pins the batch when this process sees a CUDA device.
+    Padded by `collate`, or packed by `phi3v_ray.packing.pack` with packing=True (rows of at most
+    pack_tokens tokens; 0 = the whole micro-batch in one row). A batch without images has
+    pixel_values and image_sizes None, as collate returns them; with return_ids the batch also carries
+    "ids" (list of str), for logging and tests. pin_memory None pins the batch when this process sees
+    a CUDA device.
     """
 
     def __init__(self, padding_side: str = "right", pad_to_multiple_of: int | None = None, return_ids: bool = False,
-                 pin_memory: bool | None = None):
+                 pin_memory: bool | None = None, packing: bool = False, pack_tokens: int = 0):
         self.padding_side = padding_side
         self.pad_to_multiple_of = pad_to_multiple_of
         self.return_ids = return_ids
         self.pin_memory = pin_memory
+        self.packing = packing
+        self.pack_tokens = pack_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
         return self.collate_rows(batch_rows(batch))
@@ -178,7 +187,13 @@ class Phi3VCollate:
     def collate_rows(self, rows: list[dict]) -> dict:
         """Rows (dicts of arrays) → one batch; what `iter_train_batches` calls on length-grouped rows."""
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
-        out = collate(rows, padding_side=self.padding_side, pad_to_multiple_of=self.pad_to_multiple_of, pin_memory=pin)
+        if self.packing:
+            from .packing import pack
+
+            out = pack(rows, max_tokens=self.pack_tokens, pin_memory=pin)
+        else:
+            out = collate(rows, padding_side=self.padding_side, pad_to_multiple_of=self.pad_to_multiple_of,
+                          pin_memory=pin)
         if self.return_ids:
             out["ids"] = [str(r["id"]) for r in rows]
         return out

@@ -423,6 +423,74 @@ def test_length_grouping_does_not_order_batches_by_length():
     assert sorted(widths) == list(range(103, 164, 4)) and widths != sorted(widths)
 
 
+# ------------------------------------------------------------------------------------ packing
+def test_pack_lays_samples_end_to_end_with_restarting_positions_and_renumbered_images(processor, processor2):
+    from phi3v_ray.engine import supervised_tokens
+    from phi3v_ray.packing import pack
+
+    examples = _rows(processor, processor2)  # 0, 1 and 2 images
+    rows = [_as_row(e) for e in examples]
+    lengths = [len(e.input_ids) for e in examples]
+    batch = pack(rows)
+    total = sum(lengths)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (1, total)
+    assert batch["cu_seqlens"].tolist() == [0, lengths[0], lengths[0] + lengths[1], total]
+    assert batch["cu_seqlens"].dtype == torch.int32 and batch["max_seqlen"] == max(lengths)
+    assert batch["attention_mask"].sum() == total and batch_stats(batch) == (total, 3)
+    at = 0
+    for e, n, images_before in zip(examples, lengths, (0, 0, 1)):
+        ids = e.input_ids.copy()
+        ids[ids < 0] -= images_before  # image k of the sample is image k + (images before it in the row)
+        assert batch["input_ids"][0, at:at + n].tolist() == ids.tolist()
+        assert batch["position_ids"][0, at:at + n].tolist() == list(range(n))
+        assert batch["labels"][0, at] == IGNORE_INDEX  # never predicted from the previous sample
+        assert batch["labels"][0, at + 1:at + n].tolist() == e.labels[1:].tolist()
+        at += n
+    assert sorted(set(batch["input_ids"][batch["input_ids"] < 0].tolist())) == [-3, -2, -1]
+    padded = collate(rows)
+    assert supervised_tokens(batch) == supervised_tokens(padded)  # the step's loss normalisation is unchanged
+    for k in ("pixel_values", "image_sizes"):
+        torch.testing.assert_close(batch[k], padded[k], rtol=0, atol=0)  # the same images in the same order
+
+
+def test_pack_respects_its_token_budget(processor, processor2):
+    from phi3v_ray.packing import assign_rows, pack
+
+    assert assign_rows([5, 3, 4, 2], 7) == [[0, 3], [1, 2]]  # longest first, to the least-filled row with room
+    assert assign_rows([5, 3, 4, 2]) == [[0, 1, 2, 3]]
+    assert assign_rows([2550] * 4, 8192) == [[0, 2], [1, 3]]  # balanced: not 3 + 1 padded to 7650
+    assert assign_rows([6, 6, 6], 10) == [[0], [1], [2]]
+    examples = _rows(processor, processor2)
+    lengths = [len(e.input_ids) for e in examples]
+    budget = max(lengths) + min(lengths)
+    layout = assign_rows(lengths, budget)
+    assert sorted(map(len, layout)) == [1, 2]
+    batch = pack([_as_row(e) for e in examples], max_tokens=budget)
+    rows, width = batch["input_ids"].shape
+    real = batch["attention_mask"].sum(1)
+    assert rows == 2 and width <= budget and real.tolist() == [sum(lengths[i] for i in r) for r in layout]
+    cu = batch["cu_seqlens"].tolist()
+    assert cu[-1] == rows * width and len(cu) == 3 + 1 + 1  # three samples and one row's padding segment
+    short = int(real.argmin())
+    pad = batch["position_ids"][short, int(real[short]):]
+    assert pad.tolist() == list(range(width - int(real[short])))  # the padding is a segment of its own
+    assert (batch["labels"][short, int(real[short]):] == IGNORE_INDEX).all()
+    with pytest.raises(ValueError, match="does not fit a packed row"):
+        pack([_as_row(e) for e in examples], max_tokens=max(lengths) - 1)
+
+
+def test_iter_train_batches_packs_grouped_micro_batches():
+    from phi3v_ray.collate import Phi3VCollate, iter_train_batches
+
+    shard = _Shard(_length_rows(np.random.default_rng(4).integers(50, 3000, size=24)))
+    padded = list(iter_train_batches(shard, 4, 0, 1, length_window=8, collate_fn=Phi3VCollate(return_ids=True)))
+    packed = list(iter_train_batches(shard, 4, 0, 1, length_window=8,
+                                     collate_fn=Phi3VCollate(return_ids=True, packing=True)))
+    assert [b["ids"] for b in packed] == [b["ids"] for b in padded]  # the same samples per micro-batch
+    assert _padded_fraction(packed) == 0 and _padded_fraction(padded) > 0
+    assert all(b["input_ids"].shape[0] == 1 and b["cu_seqlens"].numel() == 5 for b in packed)
+
+
 # ------------------------------------------------------------------------------------ the training copy
 def test_training_copies_send_no_attention_mask_for_right_padding_only(processor, processor2):
     from phi3v_ray.collate import right_padded, to_device
@@ -436,3 +504,4 @@ def test_training_copies_send_no_attention_mask_for_right_padding_only(processor
     assert to_device(same, cpu, training=True)["attention_mask"] is None
     torch.testing.assert_close(to_device(left, cpu, training=True)["attention_mask"], left["attention_mask"])
     torch.testing.assert_close(to_device(right, cpu)["attention_mask"], right["attention_mask"])  # generation, eval
+
