@@ -505,3 +505,19 @@ def test_training_copies_send_no_attention_mask_for_right_padding_only(processor
     torch.testing.assert_close(to_device(left, cpu, training=True)["attention_mask"], left["attention_mask"])
     torch.testing.assert_close(to_device(right, cpu)["attention_mask"], right["attention_mask"])  # generation, eval
 
+
+def test_the_pipeline_bench_reports_under_2_percent_padding_on_docvqa_shaped_lengths():
+    """bench/pipeline.py --padding: DocVQA-shaped micro-batches of 4 (issue #13's goal: < 2 % padded)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_pipeline", Path(__file__).parents[1] / "bench" / "pipeline.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.page_tokens() == {"letter": 2509, "a4": 1933}
+    lengths = bench.docvqa_lengths(800, letter_share=0.5)
+    rows = {r["layout"]: r for r in bench.padding_rows(lengths, 4, [64], max_length=8192)}
+    assert {r["micro_batches"] for r in rows.values()} == {200}
+    assert rows["stream order, padded"]["padded_tokens_pct"] > 5
+    assert rows["grouped in 64 rows, padded"]["padded_tokens_pct"] < 2
+    assert rows["packed, one row"]["padded_tokens_pct"] == 0
