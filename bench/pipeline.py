@@ -25,7 +25,14 @@ Pages are synthetic, generated on the fly (nothing downloaded): 1700×2200 white
 of dark "words", saved as PNG like DocVQA's scans, one question each, at num_crops 16 (a page is
 [1344, 1344]: 16 crops, 2509 image tokens). `--data demo` runs the demo records instead.
 
+`--padding` measures something else, without Ray (issue #13): the share of padded tokens in the
+training micro-batches `iter_train_batches` makes from DocVQA-shaped lengths (letter pages, 2509
+image tokens, and A4 pages, 1933, from the HD transform at num_crops 16, each with a synthetic
+question and answer), with micro-batches in stream order, grouped by length within windows of
+`--windows` rows, and packed (one row per micro-batch, or rows of at most max_length tokens).
+
     python bench/pipeline.py --out bench/results/pipeline_docvqa.json     # 48 pages, actors 1,2,4
+    python bench/pipeline.py --padding --records 4000 --micro-batch 4 --out bench/results/padding_docvqa.json
     python bench/pipeline.py --data demo --num-crops 4 --records 200 --actors 1,2
     python bench/pipeline.py --layouts uint8 --actors 2 --sources local,bucket,parquet,local --skip-cpu
 """
@@ -144,6 +151,66 @@ def bytes_per_row(data: DataConfig, paths: DataPaths, rows: int) -> dict:
     return result
 
 
+PAGES = {"letter": (1700, 2200), "a4": (1240, 1754)}  # scans at 150 dpi: width × height in pixels
+
+
+def page_tokens(num_crops: int = 16) -> dict[str, int]:
+    """Image tokens of a letter and an A4 page after the HD transform (2509 and 1933 at num_crops 16)."""
+    from phi3v_ray.processor import Phi3VImageProcessor, tokens_per_image
+
+    processor = Phi3VImageProcessor(num_crops)
+    return {name: tokens_per_image(*processor.hd_image(Image.new("RGB", size)).size[::-1])
+            for name, size in PAGES.items()}
+
+
+def docvqa_lengths(n: int, letter_share: float, num_crops: int = 16, seed: int = 0) -> list[int]:
+    """n sample lengths: a letter or A4 page, the chat template's ~12 tokens, a question of 6–40 tokens
+    and an answer of 1–24 (synthetic, shaped like DocVQA's short questions and answers)."""
+    rng = np.random.default_rng(seed)
+    pages = page_tokens(num_crops)
+    image = np.where(rng.random(n) < letter_share, pages["letter"], pages["a4"])
+    return (image + 12 + rng.integers(6, 41, n) + rng.integers(1, 25, n)).tolist()
+
+
+class _Rows:
+    """A list of rows behind `iter_batches`, as a worker's Ray Data shard hands them over (stream order)."""
+
+    def __init__(self, lengths: list[int]):
+        self.lengths = lengths
+
+    def iter_batches(self, batch_size, drop_last=False, **_):
+        for k in range(0, len(self.lengths), batch_size):
+            chunk = self.lengths[k:k + batch_size]
+            ids = np.empty(len(chunk), dtype=object)
+            ids[:] = [np.full(n, 7, dtype=np.int64) for n in chunk]
+            yield {"input_ids": ids, "labels": ids, "num_tokens": np.asarray(chunk, dtype=np.int64)}
+
+
+def padding_rows(lengths: list[int], micro_batch: int, windows: list[int], max_length: int) -> list[dict]:
+    """Padded share of the tokens in an epoch's micro-batches, per batch layout."""
+    from phi3v_ray.collate import Phi3VCollate
+
+    layouts = [("stream order, padded", 0, Phi3VCollate())]
+    layouts += [(f"grouped in {w} rows, padded", w, Phi3VCollate()) for w in windows]
+    layouts += [("packed, one row", 0, Phi3VCollate(packing=True)),
+                (f"packed, rows ≤ {max_length}", 0, Phi3VCollate(packing=True, pack_tokens=max_length))]
+    if windows:
+        layouts.append((f"grouped in {windows[-1]} rows, packed rows ≤ {max_length}", windows[-1],
+                        Phi3VCollate(packing=True, pack_tokens=max_length)))
+    out = []
+    for name, window, collate_fn in layouts:
+        real = computed = batches = padded_batches = 0
+        for batch in iter_train_batches(_Rows(lengths), micro_batch, epoch=0, seed=0, shuffle_buffer=None,
+                                        length_window=window, collate_fn=collate_fn):
+            mask = batch["attention_mask"]
+            real, computed, batches = real + int(mask.sum()), computed + mask.numel(), batches + 1
+            padded_batches += int(not bool(mask.all()))
+        out.append({"layout": name, "window": window, "micro_batches": batches,
+                    "padded_tokens_pct": round(100 * (1 - real / computed), 2),
+                    "batches_with_any_padding_pct": round(100 * padded_batches / batches, 1)})
+    return out
+
+
 def run_ray(data: DataConfig, paths: DataPaths, micro_batch: int, actors: int) -> dict:
     t0 = time.perf_counter()
     ds = build_dataset(data, paths)
@@ -176,7 +243,13 @@ def main(argv=None) -> None:
     ap.add_argument("--sources", default="local", help="comma-separated: local (files), bucket (jsonl + images in S3), "
                     "parquet (Parquet shards in S3); the S3 runs start a local S3 server")
     ap.add_argument("--skip-cpu", action="store_true", help="skip the cpu-per-page and bytes-per-row measurements")
+    ap.add_argument("--padding", action="store_true", help="only the padded-token share of the micro-batches "
+                    "(DocVQA-shaped lengths, --records of them; no Ray)")
+    ap.add_argument("--windows", default="16,32,64", help="--padding: length-grouping windows (rows)")
+    ap.add_argument("--letter-share", type=float, default=0.5, help="--padding: share of letter pages (rest A4)")
     args = ap.parse_args(argv)
+    if args.padding:
+        return padding_main(args, argv)
 
     import ray
 
@@ -245,6 +318,27 @@ def main(argv=None) -> None:
         payload = {"data": args.data, "records": args.records, "num_crops": args.num_crops,
                    "micro_batch": args.micro_batch, "cores": cores, "cpu_per_page": cpu, "bytes_per_row": sizes,
                    "pipeline": runs, "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])}
+        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+def padding_main(args, argv) -> None:
+    lengths = docvqa_lengths(args.records, args.letter_share, args.num_crops)
+    windows = [int(w) for w in args.windows.split(",") if w]
+    max_length = DataConfig().max_length
+    rows = padding_rows(lengths, args.micro_batch, windows, max_length)
+    pages = page_tokens(args.num_crops)
+    print(f"\n{args.records} DocVQA-shaped samples ({args.letter_share:.0%} letter pages of {pages['letter']} image "
+          f"tokens, the rest A4 of {pages['a4']}; {min(lengths)}–{max(lengths)} tokens), micro batch {args.micro_batch}")
+    _table(rows, ("layout", "micro_batches", "padded_tokens_pct", "batches_with_any_padding_pct"))
+    if args.out:
+        payload = {"what": "padded share of the tokens in training micro-batches", "records": args.records,
+                   "micro_batch": args.micro_batch, "num_crops": args.num_crops, "letter_share": args.letter_share,
+                   "page_image_tokens": pages, "sample_tokens": {"min": min(lengths), "max": max(lengths),
+                                                                "mean": round(float(np.mean(lengths)), 1)},
+                   "max_length": max_length, "layouts": rows,
+                   "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.out}")
 

@@ -1,12 +1,15 @@
 """Batch collation: pad token rows, stack every sample's images along one axis; and the training
-worker's side of Ray Data, which turns a shard's numpy batches into these padded torch batches.
+worker's side of Ray Data, which turns a shard's numpy batches into these padded (or packed,
+`packing.py`) torch batches, optionally grouped by length first (`grouping.py`).
 
 The attention mask comes from sequence lengths, never from the pad id: the pad id (32000) is also
 `<|endoftext|>`, which sits inside every supervised answer (the recipe's collators hid it).
 Right padding for training, left padding for generation.
 
-    training worker: iter_train_batches(shard, ...) ──▶ Phi3VCollate ──▶ collate (right padding, pinned on CUDA)
-        ──▶ to_device (engine): non-blocking copies; uint8 crops → float pixel_values on the device
+    training worker: iter_train_batches(shard, ...) ──▶ [group_by_length] ──▶ Phi3VCollate
+        ──▶ collate (right padding, pinned on CUDA) or pack (padding-free rows)
+        ──▶ to_device (engine): non-blocking copies; uint8 crops → float pixel_values on the device;
+            a right-padded training batch goes without its attention mask (causal attention suffices)
 
 Nothing here imports Ray: `iter_train_batches` only calls the shard's own `iter_batches`.
 """
@@ -56,8 +59,6 @@ def collate(
         "input_ids": _empty((n, width), torch.int64, pin_memory).fill_(pad_id),
         "attention_mask": _empty((n, width), torch.int64, pin_memory).zero_(),
         "labels": _empty((n, width), torch.int64, pin_memory).fill_(IGNORE_INDEX),
-        "pixel_values": None,
-        "image_sizes": None,
     }
     input_ids, attention_mask, labels = (batch[k].numpy() for k in ("input_ids", "attention_mask", "labels"))
     for i, (row, length) in enumerate(zip(rows, lengths)):
@@ -67,51 +68,76 @@ def collate(
         if row.get("labels") is not None:
             labels[i, span] = row["labels"]
 
+    batch.update(collate_images(rows, pin_memory))
+    return batch
+
+
+def collate_images(rows: Sequence[dict], pin_memory: bool = False) -> dict:
+    """The pixels and image_sizes of `rows`, concatenated in row order (see `collate`): pixel_values and
+    image_sizes None when no row has an image; pixel_crops instead of pixel_values for uint8 rows."""
+    out = {"pixel_values": None, "image_sizes": None}
     with_images = [r for r in rows if _num_images(r)]
     if not with_images:
-        return batch
+        return out
     sizes = [np.asarray(r["image_sizes"], dtype=np.int64).reshape(-1, 2) for r in with_images]
-    batch["image_sizes"] = torch.from_numpy(np.concatenate(sizes, axis=0))
+    out["image_sizes"] = torch.from_numpy(np.concatenate(sizes, axis=0))
     if pin_memory:
-        batch["image_sizes"] = batch["image_sizes"].pin_memory()
+        out["image_sizes"] = out["image_sizes"].pin_memory()
     uint8 = [r.get("pixel_crops") is not None for r in with_images]
     if all(uint8):
         crops = [r["pixel_crops"] for r in with_images]
-        out = _empty((sum(c.shape[0] for c in crops), *crops[0].shape[1:]), torch.uint8, pin_memory)
-        np.concatenate(crops, axis=0, out=out.numpy())
-        batch["pixel_crops"] = out
+        buf = _empty((sum(c.shape[0] for c in crops), *crops[0].shape[1:]), torch.uint8, pin_memory)
+        np.concatenate(crops, axis=0, out=buf.numpy())
+        out["pixel_crops"] = buf
     elif not any(uint8):
         images = [r["pixel_values"] for r in with_images]
         slots = max(p.shape[1] for p in images)
-        out = _empty((sum(p.shape[0] for p in images), slots, *images[0].shape[2:]), torch.float32, pin_memory)
-        view, k = out.numpy(), 0
+        buf = _empty((sum(p.shape[0] for p in images), slots, *images[0].shape[2:]), torch.float32, pin_memory)
+        view, k = buf.numpy(), 0
         for p in images:
             view[k : k + p.shape[0], : p.shape[1]] = p
             view[k : k + p.shape[0], p.shape[1] :] = 0
             k += p.shape[0]
-        batch["pixel_values"] = out
+        out["pixel_values"] = buf
     else:
         raise ValueError("rows mix pixel layouts: some carry pixel_crops (uint8), others pixel_values (float); "
                          "build every row of a dataset with the same DataConfig.pixel_format")
-    return batch
+    return out
 
 
 def _empty(shape: tuple, dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device, training: bool = False) -> dict:
     """A collated host batch → the model's inputs on `device`.
 
     Tensors are copied non-blocking (asynchronous when `collate` pinned them); uint8 pixel_crops
     become the model's float pixel_values there (`pixel_values_from_crops`, reading the host copy of
     image_sizes, so nothing waits for the device).
+
+    training=True (the engine's step): a batch padded on the right only, or not at all, goes without
+    its attention mask (attention_mask None). Under causal attention a real token attends only to
+    earlier positions, which right padding never is, so its output is the same with or without the
+    mask; the padding's own outputs carry no label. Without a mask the attention runs its causal path
+    (SDPA `is_causal=True`, flash-attn's dense kernel) instead of a dense (B, 1, T, T) mask, which rules
+    out SDPA's flash kernel. Decided here, on the host copy: no device sync. Left-padded batches
+    (generation) keep their mask.
     """
+    drop = training and batch.get("attention_mask") is not None and right_padded(batch["attention_mask"])
     out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    if drop:
+        out["attention_mask"] = None
     crops = out.pop("pixel_crops", None)
     if crops is not None:
         out["pixel_values"] = pixel_values_from_crops(crops, batch["image_sizes"])
     return out
+
+
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row is ones then zeros (padding on the right only, or none)."""
+    mask = attention_mask.bool()
+    return bool(mask[:, :1].all()) and bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def _num_images(row: dict) -> int:
@@ -137,24 +163,37 @@ def batch_rows(batch: dict[str, np.ndarray]) -> list[dict]:
 
 
 class Phi3VCollate:
-    """A numpy batch of pipeline rows (columns) → one padded torch batch via `collate`.
+    """A numpy batch of pipeline rows (columns), or a list of rows (`collate_rows`), → one torch batch.
 
-    A batch without images has pixel_values and image_sizes None, as collate returns them; with
-    return_ids the batch also carries "ids" (list of str), for logging and tests. pin_memory None
-    pins the batch when this process sees a CUDA device.
+    Padded by `collate`, or packed by `phi3v_ray.packing.pack` with packing=True (rows of at most
+    pack_tokens tokens; 0 = the whole micro-batch in one row). A batch without images has
+    pixel_values and image_sizes None, as collate returns them; with return_ids the batch also carries
+    "ids" (list of str), for logging and tests. pin_memory None pins the batch when this process sees
+    a CUDA device.
     """
 
     def __init__(self, padding_side: str = "right", pad_to_multiple_of: int | None = None, return_ids: bool = False,
-                 pin_memory: bool | None = None):
+                 pin_memory: bool | None = None, packing: bool = False, pack_tokens: int = 0):
         self.padding_side = padding_side
         self.pad_to_multiple_of = pad_to_multiple_of
         self.return_ids = return_ids
         self.pin_memory = pin_memory
+        self.packing = packing
+        self.pack_tokens = pack_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-        rows = batch_rows(batch)
+        return self.collate_rows(batch_rows(batch))
+
+    def collate_rows(self, rows: list[dict]) -> dict:
+        """Rows (dicts of arrays) → one batch; what `iter_train_batches` calls on length-grouped rows."""
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
-        out = collate(rows, padding_side=self.padding_side, pad_to_multiple_of=self.pad_to_multiple_of, pin_memory=pin)
+        if self.packing:
+            from .packing import pack
+
+            out = pack(rows, max_tokens=self.pack_tokens, pin_memory=pin)
+        else:
+            out = collate(rows, padding_side=self.padding_side, pad_to_multiple_of=self.pad_to_multiple_of,
+                          pin_memory=pin)
         if self.return_ids:
             out["ids"] = [str(r["id"]) for r in rows]
         return out
@@ -171,13 +210,16 @@ def iter_train_batches(
     drop_last: bool = False,
     prefetch_batches: int = 1,
     collate_fn: Phi3VCollate | None = None,
+    length_window: int = 0,
 ) -> Iterator[dict]:
     """Collated CPU torch batches of one epoch from a Dataset or a worker's shard (DataIterator).
 
-    The order depends only on (data, seed + epoch, shuffle_buffer, micro_batch): the pipeline
-    preserves order and the local shuffle buffer is seeded. skip_batches drops the first k
+    The order depends only on (data, seed + epoch, shuffle_buffer, micro_batch, length_window): the
+    pipeline preserves order and the local shuffle buffer is seeded. skip_batches drops the first k
     batches without collating them, so a run resumed mid-epoch continues where it stopped.
-    shuffle_buffer None or 0 keeps file order.
+    shuffle_buffer None or 0 keeps file order. length_window > 0 (with micro_batch > 1) groups rows of
+    similar length into the same micro-batch within windows of that many rows
+    (`phi3v_ray.grouping`); the epoch keeps its number of batches.
     """
     collate_fn = collate_fn or Phi3VCollate()
     batches = data.iter_batches(
@@ -188,6 +230,14 @@ def iter_train_batches(
         local_shuffle_buffer_size=shuffle_buffer or None,
         local_shuffle_seed=(seed + epoch) if shuffle_buffer else None,
     )
+    if length_window and micro_batch > 1:
+        from .grouping import group_by_length
+
+        rows = (row for batch in batches for row in batch_rows(batch))
+        for i, group in enumerate(group_by_length(rows, micro_batch, length_window, seed, epoch)):
+            if i >= skip_batches:
+                yield collate_fn.collate_rows(group)
+        return
     for i, batch in enumerate(batches):
         if i < skip_batches:
             continue

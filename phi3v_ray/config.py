@@ -42,6 +42,7 @@ PixelFormat = Literal["uint8", "float32"]
 # grows to this many per worker while CPUs are free; other splits (evaluation) start at one actor.
 AUTO_ACTORS_PER_WORKER = 2
 OnBadRecord = Literal["fail", "skip"]
+Packing = Literal["auto", "always", "never"]  # not on/off: YAML reads those as booleans
 Checkpointing = Literal["auto", "all", "lm", "every_n", "none"]
 
 
@@ -212,6 +213,16 @@ class TrainConfig:
     micro_batch: int = _f(1, "examples per worker per forward pass", ge=1)
     grad_accum: int = _f(0, "micro batches per optimizer step; 0 = derive from global_batch", ge=0)
     global_batch: int = _f(64, "examples per optimizer step across all workers (used when grad_accum is 0)", ge=1)
+    group_by_length: bool = _f(True, "micro-batches of examples of similar length, so little padding is computed: "
+                                     "sorted within length_window examples of the shuffled stream (deterministic, "
+                                     "resumable); only with micro_batch > 1")
+    length_window: int = _f(64, "examples group_by_length sorts together (rounded up to whole micro-batches; they wait "
+                                "in host memory)", ge=1)
+    packing: Packing = _f("auto", "lay a micro-batch's examples end to end in one row, no padding (positions restart "
+                                  "per example, attention and labels never cross examples): always, never, or auto (with "
+                                  "flash_attention_2, whose varlen kernel needs no mask; sdpa would need a dense one)")
+    pack_tokens: int = _f(0, "packing: most tokens in one packed row (0 = a whole micro-batch in one row); at least "
+                             "max_length", ge=0)
     # --- cluster ---
     num_workers: int = _f(1, "training workers (one per GPU)", ge=1)
     use_gpu: bool = _f(False, "train on GPUs")
@@ -252,6 +263,11 @@ class TrainConfig:
         if self.grad_accum > 0:
             return self.grad_accum
         return max(1, self.global_batch // max(1, self.micro_batch * self.num_workers))
+
+    @property
+    def length_grouping_window(self) -> int:
+        """Rows sorted together by length in the training batches; 0 = no grouping."""
+        return self.length_window if self.group_by_length and self.micro_batch > 1 else 0
 
     @property
     def effective_global_batch(self) -> int:
@@ -341,6 +357,10 @@ class TrainConfig:
                 problems.append(Problem("global_batch", self.global_batch,
                                         f"must be a multiple of micro_batch × num_workers = {per_pass}, "
                                         "or set grad_accum explicitly"))
+        if not bad & {"pack_tokens", "max_length"} and 0 < self.pack_tokens < self.data.max_length:
+            problems.append(Problem("pack_tokens", self.pack_tokens,
+                                    f"use 0 (a micro-batch in one row) or at least max_length = {self.data.max_length}: "
+                                    "a packed row must hold the longest example"))
         if "mode" not in bad and "zero_stage" not in bad and self.mode_enum is Mode.QLORA:
             if self.resolved_zero_stage == 2:
                 problems.append(Problem("zero_stage", self.zero_stage,

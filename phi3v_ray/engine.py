@@ -88,8 +88,9 @@ def supervised_tokens(batch: dict) -> int:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    """Non-blocking copies of the (pinned, on CUDA) host batch; uint8 crops become pixel_values there."""
-    return to_device(batch, device)
+    """Non-blocking copies of the (pinned, on CUDA) host batch; uint8 crops become pixel_values there; a
+    right-padded batch goes without its attention mask (causal attention alone: see `to_device`)."""
+    return to_device(batch, device, training=True)
 
 
 class DDPEngine:

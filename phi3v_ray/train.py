@@ -25,7 +25,7 @@ import torch.distributed as dist
 from datasets_ray.schema import BadRecord
 
 from .checkpointing import STATE_FILE, CheckpointCorrupt, TrainState, read_checkpoint, verify_checkpoint, write_checkpoint
-from .collate import batch_stats, iter_train_batches
+from .collate import Phi3VCollate, batch_stats, iter_train_batches
 from .config import TrainConfig
 from .engine import DTYPES, build_engine, load_trainable_weights, train_step
 from .failures import DeterministicFailure
@@ -33,6 +33,7 @@ from .hardware import HardwareChoice, detect_gpu, log_choice, resolve_hardware
 from .memory import plan_for_config
 from .modes import (LoraSettings, Mode, apply_mode, cast_trainable, count_parameters, enable_gradient_checkpointing,
                     keep_plain_4bit_layout)
+from .packing import use_packing
 from .storage import StorageAccessDenied
 from .tracking import MetricLogger, say
 from .weights import local_checkpoint
@@ -279,12 +280,15 @@ class Recipe:
         model = load_model(cfg, w.hw, w.device, self.plan.checkpoint_dir)
         self.engine = build_engine(cfg, model, self.plan.total_steps, w.hw.precision, w.device, w.world_size)
         self.train_shard = ray.train.get_dataset_shard("train")
+        packed = use_packing(cfg.packing, w.hw.attention)
+        self.collate_fn = Phi3VCollate(packing=packed, pack_tokens=cfg.pack_tokens)
         if w.rank == 0:
             self.logger = MetricLogger(self.plan.run_dir, self.plan.total_steps)
             trainable, total = count_parameters(self.engine.model)
             say(f"mode={cfg.mode} trainable {trainable:,} of {total:,} parameters; "
                 f"global batch {cfg.effective_global_batch} = micro {cfg.micro_batch} × workers {w.world_size} × "
-                f"accumulation {cfg.accumulation}; {self.plan.total_steps} optimizer steps; engine {self.engine.kind}")
+                f"accumulation {cfg.accumulation}; {self.plan.total_steps} optimizer steps; engine {self.engine.kind}; "
+                f"micro-batches {_batch_layout(cfg.length_grouping_window, packed, cfg.pack_tokens)}")
 
     # -- resume
     def resume(self) -> None:
@@ -355,7 +359,8 @@ class Recipe:
         """This epoch's optimizer steps from where the run stands: (micro-batches, is the epoch's last step)."""
         cfg, state = self.cfg, self.state
         batches = iter_train_batches(self.train_shard, cfg.micro_batch, epoch=state.epoch, seed=cfg.seed,
-                                     skip_batches=state.batch_in_epoch)
+                                     skip_batches=state.batch_in_epoch, length_window=cfg.length_grouping_window,
+                                     collate_fn=self.collate_fn)
         group: list[dict] = []
         pending = None  # one batch of lookahead tells which group ends the epoch
         for batch in batches:
@@ -428,6 +433,14 @@ class Recipe:
     def cleanup(self) -> None:
         if self.logger is not None:
             self.logger.close()
+
+
+def _batch_layout(window: int, packed: bool, pack_tokens: int) -> str:
+    """How this run's micro-batches are laid out, for the start line."""
+    grouping = f"grouped by length within {window} examples" if window else "in stream order"
+    if not packed:
+        return f"{grouping}, right-padded"
+    return f"{grouping}, packed ({f'rows of ≤ {pack_tokens} tokens' if pack_tokens else 'one row each'})"
 
 
 class _Window:

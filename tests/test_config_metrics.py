@@ -199,6 +199,23 @@ def test_global_batch_is_derived_once():
         TrainConfig.from_flat(micro_batch=3, num_workers=4, global_batch=64, train_file="x").validate()
 
 
+def test_batch_layout_settings_resolve_and_validate():
+    from phi3v_ray.packing import use_packing
+
+    assert TrainConfig(micro_batch=4).length_grouping_window == 64  # on by default where there is padding to save
+    assert TrainConfig(micro_batch=1).length_grouping_window == 0
+    assert TrainConfig(micro_batch=4, group_by_length=False).length_grouping_window == 0
+    assert load_config(None, ["packing=never", "group_by_length=false"]).packing == "never"
+    assert [use_packing(p, a) for p in ("auto", "always", "never") for a in ("flash_attention_2", "sdpa")] == \
+        [True, False, True, True, False, False]  # auto packs only where the varlen kernel needs no mask
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_flat(pack_tokens=4096, max_length=8192, length_window=0, train_file="x").validate()
+    problems = {p.field: p for p in err.value.problems}
+    assert problems["pack_tokens"].fix.startswith("use 0 (a micro-batch in one row) or at least max_length = 8192")
+    assert problems["length_window"].fix == "must be ≥ 1"
+    assert not TrainConfig.from_flat(pack_tokens=8192, max_length=8192).value_problems()
+
+
 def test_help_config_lists_every_setting_with_type_and_default(capsys):
     from phi3v_ray.cli import main
 

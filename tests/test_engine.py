@@ -215,6 +215,38 @@ def test_three_steps_in_each_mode_give_the_pinned_losses_and_leave_frozen_weight
     assert result["n_frozen"] > 0 and result["frozen_unchanged"]  # CLIP's unused layer, the vision tower, the base
 
 
+def test_a_step_on_packed_micro_batches_equals_the_step_on_padded_ones(tiny_ckpt, samples):
+    """Packing changes the layout, not the maths: a micro-batch's samples end to end in one row give the
+    padded micro-batches' token count, losses and gradient norms (the pinned run), and their gradients
+    parameter by parameter. (Not the weights after AdamW: its m/√v turns last-bit differences in
+    near-zero gradients, e.g. CLIP's key biases, whose exact gradient is 0, into lr-sized ones.)"""
+    from phi3v_ray.engine import _to_device
+    from phi3v_ray.packing import pack
+    from phi3v_ray.train import load_model
+
+    cfg = _cfg(mode="full", micro_batch=2)
+    padded_steps = _cuts(samples, micro=2, accum=1, world=1)[0]
+    packed_steps = [[pack(samples[2 * s:2 * s + 2])] for s in range(STEPS)]
+    assert [supervised_tokens(p[0]) for p in packed_steps] == [supervised_tokens(p[0]) for p in padded_steps]
+    padded = _run(cfg, tiny_ckpt, padded_steps)
+    packed = _run(cfg, tiny_ckpt, packed_steps)
+    assert packed["losses"] == pytest.approx(padded["losses"], **FP32_TOL)
+    assert packed["grad_norms"] == pytest.approx(padded["grad_norms"], rel=1e-5)
+    assert packed["losses"] == pytest.approx(PINNED_LOSSES["full"], abs=2e-4)
+
+    model = load_model(cfg, resolve_hardware(None, "fp32", "sdpa"), torch.device("cpu"), str(tiny_ckpt))
+    grads = []
+    for batch in (padded_steps[0][0], packed_steps[0][0]):
+        model.zero_grad(set_to_none=True)
+        model(**_to_device(batch, torch.device("cpu")), loss_only=True, num_items_in_batch=supervised_tokens(batch)
+              ).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        if g.norm() > 1e-8:  # the key biases' ~1e-10 is rounding noise around 0
+            assert (grads[1][name] - g).norm() <= 1e-5 * g.norm(), name
+
+
 def test_loss_goes_down_on_the_demo_data(tiny_ckpt, samples):
     cfg = _cfg(mode="full", micro_batch=4, lr=2e-3)
     batch = [collate(samples[:4])]

@@ -541,3 +541,168 @@ def test_loss_only_equals_full_loss():
     torch.testing.assert_close(only.loss, full.loss, atol=1e-5, rtol=1e-5)
     n_supervised = int((labels[:, 1:] != -100).sum())
     assert only.logits.shape == (n_supervised, model.config.vocab_size)
+
+
+# --- attention without padding masks; packed rows ------------------------------------------------
+
+
+class SdpaCalls:
+    """Records (mask shape or None, is_causal) of every SDPA call of the language model's layers."""
+
+    def __init__(self, monkeypatch, text_length: int):
+        self.calls = []
+        real = torch.nn.functional.scaled_dot_product_attention
+
+        def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+            if query.shape[-2] == text_length:  # not CLIP's 577-token crops
+                self.calls.append((None if attn_mask is None else tuple(attn_mask.shape), is_causal))
+            return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+
+
+def _labelled(ids: torch.Tensor) -> torch.Tensor:
+    labels = ids.clone()
+    labels[labels < 0] = -100
+    labels[:, :3] = -100
+    return labels
+
+
+def test_an_unpadded_batch_runs_causal_sdpa_without_a_mask(monkeypatch):
+    model = tiny_model(seed=1)
+    ids = image_prompt([ONE], text_between=6, seed=11)
+    common = dict(input_ids=ids, pixel_values=pixels(1, seed=11), image_sizes=torch.tensor([[336, 336]]))
+    spy = SdpaCalls(monkeypatch, ids.shape[1])
+    with torch.no_grad():
+        ones = model(**common, attention_mask=torch.ones_like(ids)).logits
+        none = model(**common).logits
+    assert torch.equal(ones, none)
+    layers = model.config.num_hidden_layers
+    assert spy.calls == [(None, True)] * (2 * layers)  # no (B, 1, T, T) mask: SDPA may pick its flash kernel
+
+
+def test_a_right_padded_training_batch_runs_without_a_mask_and_gives_the_masked_loss(monkeypatch):
+    from phi3v_ray.collate import collate, to_device
+
+    model = tiny_model(seed=2)
+    a, b = image_prompt([ONE], text_between=9, seed=12), image_prompt([ONE, ONE], text_between=2, seed=13)
+    rows = [{"input_ids": x[0].numpy(), "labels": _labelled(x)[0].numpy(), "pixel_values": p.numpy(),
+             "image_sizes": [[336, 336]] * len(p)} for x, p in ((a, pixels(1, seed=12)), (b, pixels(2, seed=13)))]
+    batch = collate(rows)
+    assert not batch["attention_mask"].all()
+    spy = SdpaCalls(monkeypatch, batch["input_ids"].shape[1])
+    with torch.no_grad():
+        masked = model(**batch, loss_only=True, num_items_in_batch=10)
+        free = model(**to_device(batch, torch.device("cpu"), training=True), loss_only=True, num_items_in_batch=10)
+    layers = model.config.num_hidden_layers
+    assert spy.calls[:layers] == [((2, 1) + (batch["input_ids"].shape[1],) * 2, False)] * layers
+    assert spy.calls[layers:] == [(None, True)] * layers
+    torch.testing.assert_close(free.loss, masked.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(free.logits, masked.logits, atol=1e-4, rtol=1e-4)  # the supervised positions' logits
+
+
+def _packing_rows():
+    """Three samples: one image, none, two images of different shapes (placeholder blocks −1, −2 in each)."""
+    out = []
+    for images, seed in (([ONE], 14), ([], 15), ([tokens_per_image(1, 2), ONE], 16)):
+        ids = image_prompt(images, text_between=4 + seed % 5, seed=seed)
+        sizes = [[336, 672] if n == tokens_per_image(1, 2) else [336, 336] for n in images]
+        out.append({"input_ids": ids[0].numpy(), "labels": _labelled(ids)[0].numpy(),
+                    "pixel_values": pixels(len(images), crops=3, seed=seed).numpy() if images else None,
+                    "image_sizes": sizes or None})
+    return out
+
+
+def _per_sample_check(model, packed: dict, rows: list[dict]) -> None:
+    """Each sample's logits and loss in the packed batch equal those of the sample alone."""
+    from phi3v_ray.collate import collate
+
+    with torch.no_grad():
+        out = model(**packed)
+        singles = [model(**collate([r])) for r in rows]
+    cu = packed["cu_seqlens"].tolist()
+    width = packed["input_ids"].shape[1]
+    flat_logits, flat_labels = out.logits.flatten(0, 1), packed["labels"].flatten()
+    seen = 0
+    for a, b in zip(cu, cu[1:]):
+        if packed["attention_mask"].flatten()[a] == 0:  # a row's padding
+            continue
+        single, row = singles[seen], rows[seen]
+        assert b - a == len(row["input_ids"]) and a // width == (b - 1) // width  # a sample never crosses rows
+        torch.testing.assert_close(flat_logits[a:b][None], single.logits, atol=1e-4, rtol=1e-4)
+        loss = causal_lm_loss(flat_logits[a:b][None], flat_labels[a:b][None])
+        torch.testing.assert_close(loss, single.loss, atol=1e-5, rtol=1e-5)
+        seen += 1
+    assert seen == len(rows)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_samples_give_each_samples_own_logits_and_loss(monkeypatch, attention):
+    from phi3v_ray.collate import collate
+    from phi3v_ray.packing import pack
+
+    model = tiny_model(seed=3)
+    model.config._attn_implementation = attention
+    rows = _packing_rows()
+    packed = pack(rows)
+    assert packed["input_ids"].shape[0] == 1 and (packed["input_ids"] < 0).any()
+    spy = SdpaCalls(monkeypatch, packed["input_ids"].shape[1])
+    _per_sample_check(model, packed, rows)
+    if attention == "sdpa":  # the block-diagonal causal mask: SDPA's fallback without flash-attn
+        width = packed["input_ids"].shape[1]
+        assert spy.calls[0] == ((1, 1, width, width), False)
+    # The micro-batch's token-loss sum equals the padded micro-batch's: the step's normalisation holds.
+    with torch.no_grad():
+        n = 7.0
+        as_packed = model(**packed, loss_only=True, num_items_in_batch=n).loss
+        as_padded = model(**collate(rows), loss_only=True, num_items_in_batch=n).loss
+    torch.testing.assert_close(as_packed, as_padded, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_rows_under_a_token_budget_keep_samples_apart():
+    from phi3v_ray.packing import assign_rows, pack
+
+    model = tiny_model(seed=4)
+    rows = _packing_rows()
+    lengths = sorted(len(r["input_ids"]) for r in rows)
+    packed = pack(rows, max_tokens=lengths[-1] + lengths[0])
+    assert packed["input_ids"].shape[0] == 2 and packed["attention_mask"].sum() < packed["attention_mask"].numel()
+    layout = assign_rows([len(r["input_ids"]) for r in rows], lengths[-1] + lengths[0])
+    _per_sample_check(model, packed, [rows[i] for row in layout for i in row])  # in packed order
+
+
+def test_packed_batches_hand_flash_attn_varlen_boundaries(monkeypatch):
+    """flash-attn's path, run on the CPU: a varlen attention registered like flash_attention_2 receives
+    cu_seq_lens/max_length (what transformers passes on to flash_attn_varlen_func) and, computing each
+    segment causally, gives every sample its own logits."""
+    from transformers import AttentionInterface
+
+    from phi3v_ray.packing import pack
+
+    seen = []
+
+    def varlen(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+               max_length_q=None, **kwargs):
+        assert attention_mask is None
+        rows, width = query.shape[0], query.shape[2]
+        if cu_seq_lens_q is None:  # a sample alone: flash-attn's dense causal kernel
+            bounds = list(range(0, rows * width + 1, width))
+        else:
+            bounds = cu_seq_lens_q.tolist()
+            seen.append((bounds, max_length_q))
+        q, k, v = (x.transpose(1, 2).flatten(0, 1) for x in (query, key, value))  # (rows·width, heads, dim)
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scaling
+        ).transpose(0, 1) for a, b in zip(bounds, bounds[1:])])
+        return out.view(rows, width, *out.shape[1:]), None
+
+    AttentionInterface.register("varlen_reference", varlen)
+    model = tiny_model(seed=5)
+    model.config._attn_implementation = "varlen_reference"
+    rows = _packing_rows()
+    packed = pack(rows)
+    _per_sample_check(model, packed, rows)
+    boundaries = (packed["cu_seqlens"].tolist(), max(len(r["input_ids"]) for r in rows))
+    assert seen == [boundaries] * model.config.num_hidden_layers  # every layer of the packed forward

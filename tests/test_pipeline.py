@@ -205,6 +205,26 @@ def test_shuffle_is_seeded_and_resume_skips_batches(nine_records):
     assert sum(first, []) != [r["id"] for r in nine_records["records"]]  # actually shuffled
 
 
+def test_length_grouped_batches_resume_on_a_re_executed_pipeline(nine_records):
+    """Grouping by length (what training does with micro_batch > 1) keeps the order exact across a resume."""
+    def epoch_ids(data, skip=0):
+        it = iter_train_batches(data, micro_batch=2, epoch=0, seed=7, shuffle_buffer=4, skip_batches=skip,
+                                length_window=4, collate_fn=Phi3VCollate(return_ids=True))
+        return [b["ids"] for b in it]
+
+    first = epoch_ids(nine_records["materialized"])
+    assert [len(b) for b in first] == [2, 2, 2, 2, 1]
+    assert epoch_ids(nine_records["ds"], skip=2) == first[2:]
+    lengths = {r["id"]: len(r["input_ids"]) for r in nine_records["materialized"].take_all()}
+    ungrouped = [b["ids"] for b in iter_train_batches(nine_records["materialized"], micro_batch=2, epoch=0, seed=7,
+                                                      shuffle_buffer=4, collate_fn=Phi3VCollate(return_ids=True))]
+
+    def padding(batches):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert sorted(sum(first, [])) == sorted(sum(ungrouped, [])) and padding(first) < padding(ungrouped)
+
+
 # ------------------------------------------------------------------------------------ resources
 
 

@@ -18,6 +18,7 @@ from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, P
 from ..constants import CROP_SIZE, IGNORE_INDEX, STOP_IDS
 from .configuration import Phi3VConfig, flash_attn_available
 from .image_embedding import Phi3VImageEmbedding
+from .packed import packed_attention
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         logits_to_keep=0,
         loss_only: bool = False,
         num_items_in_batch: int | float | torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """loss_only=True (training): logits are computed only where a label is supervised, which
@@ -168,8 +171,19 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         num_items_in_batch (training, as in transformers): the loss is the sum of the token losses
         divided by this number (the supervised tokens of the whole optimizer step) instead of this
         batch's token mean, so a token weighs the same however the step was cut into micro-batches.
+
+        cu_seqlens, max_seqlen (a packed batch, `phi3v_ray.packing`): samples laid end to end in a row,
+        with position_ids restarting per sample; attention stays within each sample (`packed.py`:
+        flash-attn's varlen kernel, or a block-diagonal mask) and attention_mask is not read.
         """
-        if position_ids is None and attention_mask is not None:
+        if cu_seqlens is not None:
+            if position_ids is None:
+                raise ValueError("a packed batch (cu_seqlens) needs its position_ids")
+            shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            attention_mask, packed_kwargs = packed_attention(self.config._attn_implementation, cu_seqlens, max_seqlen,
+                                                             tuple(shape), self.dtype)
+            kwargs.update(packed_kwargs)
+        elif position_ids is None and attention_mask is not None:
             # Positions count real tokens only, so left-padded generation sees the same positions as unpadded.
             length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -length:]
