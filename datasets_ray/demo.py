@@ -6,7 +6,6 @@ model can learn on CPU in minutes:
     colour       1 image    "What colour is the shape?"                          red|green|blue|yellow
     same_colour  2 images   "Do both images show the same colour? Answer yes or no."       yes|no
     motion       8 frames   "Which way does the square move? Answer left or right."     left|right
-                 (the square trails a fading motion-blur streak)
     digit        1 image    "What digit is written?"  (DocVQA-like, with `answers`)        1|4|7|8
 
 Writes out_dir/images/{split}/... and out_dir/{train,val,test}.jsonl; every record also has
@@ -33,7 +32,6 @@ BACKGROUND = (235, 235, 235)
 SIZE = 96  # still images are SIZE x SIZE; video frames are SIZE x 64
 FRAME_H = 64
 N_FRAMES = 8
-TRAIL = 3  # motion-blur copies behind the moving square
 
 
 def _jitter(rgb, rng: random.Random, amount: int = 12) -> tuple[int, int, int]:
@@ -57,12 +55,6 @@ def _shape_image(colour: str, rng: random.Random) -> Image.Image:
 
 
 def _motion_frames(direction: str, rng: random.Random) -> list[Image.Image]:
-    """N_FRAMES frames of a square crossing the frame, with a fading trail behind it.
-
-    The trail is what motion blur leaves on a real video frame: it shows the direction in every
-    frame, which a 4 M-parameter model learns in the demo's budget. The bare square (the direction
-    only in how its position changes from frame to frame) stayed at chance after 180 steps.
-    """
     side, step = 16, 8
     travel = step * (N_FRAMES - 1)
     start = rng.randint(0, SIZE - side - travel)
@@ -70,18 +62,11 @@ def _motion_frames(direction: str, rng: random.Random) -> list[Image.Image]:
         start, step = start + travel, -step
     y = rng.randint(4, FRAME_H - side - 4)
     fill = _jitter(COLOURS[rng.choice(list(COLOURS))], rng)
-    trail = [  # (offset behind the square, colour): farthest and faintest first
-        (k * step // 2, tuple(c + (b - c) * k // (TRAIL + 1) for c, b in zip(fill, BACKGROUND)))
-        for k in range(TRAIL, 0, -1)
-    ]
     frames = []
     for k in range(N_FRAMES):
         img = Image.new("RGB", (SIZE, FRAME_H), BACKGROUND)
-        draw = ImageDraw.Draw(img)
         x = start + k * step
-        for offset, colour in trail:
-            draw.rectangle((x - offset, y, x - offset + side - 1, y + side - 1), fill=colour)
-        draw.rectangle((x, y, x + side - 1, y + side - 1), fill=fill)
+        ImageDraw.Draw(img).rectangle((x, y, x + side - 1, y + side - 1), fill=fill)
         frames.append(img)
     return frames
 

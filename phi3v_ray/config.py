@@ -123,6 +123,9 @@ class DataConfig:
     data_node_resource: str = _f("", "custom resource that marks CPU nodes for preprocessing (empty = anywhere)")
     object_store_memory_limit: int = _f(0, "bytes of object store Ray Data may fill per dataset (0 = Ray's "
                                            "default)", ge=0)
+    cache_data: bool = _f(False, "preprocess train and val once and keep their rows in Ray's object store for "
+                                 "every epoch and evaluation (small datasets: no re-decoding and no refill wait at "
+                                 "each epoch's start; needs the rows' size in object store memory)")
 
     def actor_pool(self, num_workers: int = 1, split: str = "train") -> tuple[int, int]:
         """(min, max) preprocessing actors of one split's dataset fed to num_workers training workers.
@@ -213,9 +216,10 @@ class TrainConfig:
     micro_batch: int = _f(1, "examples per worker per forward pass", ge=1)
     grad_accum: int = _f(0, "micro batches per optimizer step; 0 = derive from global_batch", ge=0)
     global_batch: int = _f(64, "examples per optimizer step across all workers (used when grad_accum is 0)", ge=1)
-    group_by_length: bool = _f(True, "micro-batches of examples of similar length, so little padding is computed: "
-                                     "sorted within length_window examples of the shuffled stream (deterministic, "
-                                     "resumable); only with micro_batch > 1")
+    group_by_length: bool = _f(False, "micro-batches of examples of similar length, so little padding is computed: "
+                                      "sorted within length_window examples of the shuffled stream (deterministic, "
+                                      "resumable); only with micro_batch > 1. Off by default: on mixed tasks whose "
+                                      "lengths differ it makes single-task micro-batches (see the README)")
     length_window: int = _f(64, "examples group_by_length sorts together (rounded up to whole micro-batches; they wait "
                                 "in host memory)", ge=1)
     packing: Packing = _f("auto", "lay a micro-batch's examples end to end in one row, no padding (positions restart "

@@ -135,6 +135,8 @@ def build_datasets(cfg: TrainConfig, run_dir: str | None = None):
         if path:
             datasets[split] = build_dataset(cfg.data, paths, [path], split, num_workers=cfg.num_workers)
             counts[split] = manifest_count(f"{paths.work_dir}/{split}.manifest.jsonl")
+            if cfg.data.cache_data:  # decoded once; each epoch and evaluation reads the cached rows
+                datasets[split] = datasets[split].materialize()
     return datasets, counts["train"], counts["val"]
 
 

@@ -202,9 +202,9 @@ def test_global_batch_is_derived_once():
 def test_batch_layout_settings_resolve_and_validate():
     from phi3v_ray.packing import use_packing
 
-    assert TrainConfig(micro_batch=4).length_grouping_window == 64  # on by default where there is padding to save
-    assert TrainConfig(micro_batch=1).length_grouping_window == 0
-    assert TrainConfig(micro_batch=4, group_by_length=False).length_grouping_window == 0
+    assert TrainConfig(micro_batch=4).length_grouping_window == 0  # off by default: it unmixes mixed tasks
+    assert TrainConfig(micro_batch=4, group_by_length=True).length_grouping_window == 64
+    assert TrainConfig(micro_batch=1, group_by_length=True).length_grouping_window == 0
     assert load_config(None, ["packing=never", "group_by_length=false"]).packing == "never"
     assert [use_packing(p, a) for p in ("auto", "always", "never") for a in ("flash_attention_2", "sdpa")] == \
         [True, False, True, True, False, False]  # auto packs only where the varlen kernel needs no mask

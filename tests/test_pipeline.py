@@ -225,6 +225,34 @@ def test_length_grouped_batches_resume_on_a_re_executed_pipeline(nine_records):
     assert sorted(sum(first, [])) == sorted(sum(ungrouped, [])) and padding(first) < padding(ungrouped)
 
 
+def test_cache_data_decodes_each_split_once_and_keeps_its_rows(ray_local, pipe_root, tiny_ckpt, tmp_path):
+    """cache_data=true: build_datasets hands the trainer materialized datasets with the streamed rows."""
+    from ray.data.dataset import MaterializedDataset
+
+    from phi3v_ray.config import TrainConfig
+    from phi3v_ray.launch import build_datasets
+
+    write_jsonl(tmp_path / "train.jsonl", demo_records(pipe_root, 6))
+    write_jsonl(tmp_path / "val.jsonl", demo_records(pipe_root, 6)[4:])
+
+    def build(cache: bool, name: str):
+        cfg = TrainConfig.from_flat(
+            name=name, storage_path=str(tmp_path / "runs"), checkpoint=str(tiny_ckpt), cache_data=cache,
+            train_file=str(tmp_path / "train.jsonl"), val_file=str(tmp_path / "val.jsonl"),
+            images_root=str(pipe_root / "images"), num_crops=NUM_CROPS, max_length=MAX_LENGTH, num_workers=1)
+        return build_datasets(cfg)
+
+    cached, n_train, n_val = build(True, "cached")
+    streamed, *_ = build(False, "streamed")
+    assert (n_train, n_val) == (6, 2)
+    assert all(isinstance(cached[split], MaterializedDataset) for split in ("train", "val"))
+    assert not isinstance(streamed["train"], MaterializedDataset)
+    for split in ("train", "val"):
+        rows = {r["id"]: r["input_ids"].tolist() for r in cached[split].take_all()}
+        assert rows == {r["id"]: r["input_ids"].tolist() for r in streamed[split].take_all()}
+        assert len(rows) == {"train": 6, "val": 2}[split]
+
+
 # ------------------------------------------------------------------------------------ resources
 
 
