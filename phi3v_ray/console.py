@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from .storage import is_remote
@@ -110,6 +111,32 @@ class Console:
                     self._saved.append((handler, handler.level))
                     handler.setLevel(logging.ERROR)
         logging.getLogger("py.warnings").propagate = False
+
+
+@contextmanager
+def native_stderr_to_log(run_dir: str):
+    """Send what is written to file descriptor 2 inside the block to logs/driver.log (not with -v).
+
+    Ray's C++ core writes its warnings there directly, past Python's logging: e.g. one line per
+    preprocessing actor when the driver itself runs a pipeline (`cache_data`).
+    """
+    if verbose() or is_remote(run_dir):
+        yield
+        return
+    logs = local_logs_dir(run_dir)
+    logs.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(logs / "driver.log", "ab") as log:
+            os.dup2(log.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def copy_ray_worker_logs(run_dir: str) -> None:

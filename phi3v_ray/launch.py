@@ -135,8 +135,6 @@ def build_datasets(cfg: TrainConfig, run_dir: str | None = None):
         if path:
             datasets[split] = build_dataset(cfg.data, paths, [path], split, num_workers=cfg.num_workers)
             counts[split] = manifest_count(f"{paths.work_dir}/{split}.manifest.jsonl")
-            if cfg.data.cache_data:  # decoded once; each epoch and evaluation reads the cached rows
-                datasets[split] = datasets[split].materialize()
     return datasets, counts["train"], counts["val"]
 
 
@@ -174,6 +172,20 @@ def check_dropped(cfg: TrainConfig, good: dict[str, int], after_training: bool) 
                 f"{qdir}: {dropped} of {total} {split} records were dropped ({dropped / total:.0%}), more than "
                 f"max_bad_fraction={cfg.data.max_bad_fraction}; the reasons are in the quarantine files there")
     return report
+
+
+def cache_datasets(datasets: dict, run_dir: str) -> dict:
+    """cache_data: run each split's pipeline once, now; every epoch and evaluation then reads its rows
+    from the object store instead of decoding again (and waiting for the first rows at each epoch)."""
+    from .console import native_stderr_to_log
+
+    t0 = time.perf_counter()
+    with native_stderr_to_log(run_dir):
+        cached = {split: ds.materialize() for split, ds in datasets.items()}
+    sizes = ", ".join(f"{split} {ds.size_bytes() / 2**20:,.0f} MiB" for split, ds in cached.items())
+    print(f"[phi3v-ray] cache_data: decoded once in {time.perf_counter() - t0:.0f} s ({sizes} in the object store)",
+          flush=True)
+    return cached
 
 
 def make_trainer(cfg: TrainConfig, plan: Plan, datasets: dict, callbacks=None, console=None):
@@ -272,6 +284,8 @@ def run_training(cfg: TrainConfig, callbacks=None, start_ray: bool = True, probl
             print(f"[phi3v-ray] run {cfg.name} ({cfg.mode}): {what}; {cfg.num_workers} worker(s) on "
                   f"{'GPU' if cfg.use_gpu else 'CPU'}; results in {plan.run_dir}", flush=True)
             dropped = check_dropped(cfg, {"train": n_train, "val": n_val}, after_training=False)
+            if cfg.data.cache_data:
+                datasets = cache_datasets(datasets, cfg.run_dir)
             result = make_trainer(cfg, plan, datasets, callbacks, console.queue).fit()
             dropped = check_dropped(cfg, {"train": n_train, "val": n_val}, after_training=True) or dropped
     finally:

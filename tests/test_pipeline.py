@@ -226,11 +226,12 @@ def test_length_grouped_batches_resume_on_a_re_executed_pipeline(nine_records):
 
 
 def test_cache_data_decodes_each_split_once_and_keeps_its_rows(ray_local, pipe_root, tiny_ckpt, tmp_path):
-    """cache_data=true: build_datasets hands the trainer materialized datasets with the streamed rows."""
+    """cache_data=true: the trainer gets materialized datasets holding the streamed rows; Ray's C++
+    warnings printed meanwhile go to the run's logs/driver.log, not the console."""
     from ray.data.dataset import MaterializedDataset
 
     from phi3v_ray.config import TrainConfig
-    from phi3v_ray.launch import build_datasets
+    from phi3v_ray.launch import build_datasets, cache_datasets
 
     write_jsonl(tmp_path / "train.jsonl", demo_records(pipe_root, 6))
     write_jsonl(tmp_path / "val.jsonl", demo_records(pipe_root, 6)[4:])
@@ -242,7 +243,8 @@ def test_cache_data_decodes_each_split_once_and_keeps_its_rows(ray_local, pipe_r
             images_root=str(pipe_root / "images"), num_crops=NUM_CROPS, max_length=MAX_LENGTH, num_workers=1)
         return build_datasets(cfg)
 
-    cached, n_train, n_val = build(True, "cached")
+    built, n_train, n_val = build(True, "cached")
+    cached = cache_datasets(built, str(tmp_path / "runs" / "cached"))
     streamed, *_ = build(False, "streamed")
     assert (n_train, n_val) == (6, 2)
     assert all(isinstance(cached[split], MaterializedDataset) for split in ("train", "val"))

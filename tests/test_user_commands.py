@@ -177,3 +177,24 @@ def test_the_readmes_eval_and_export_lines_work_on_the_demo_run(ray_local, tmp_p
 
     assert main(["train", "mode=lora", "max_steps=2"]) == 2  # same name, other mode: refused, with the way out
     assert "name=phi3v-demo-lora" in capfd.readouterr().err
+
+
+def test_native_stderr_goes_to_the_run_log_and_comes_back(tmp_path, capfd, monkeypatch):
+    """What C++ code writes to fd 2 inside the block lands in logs/driver.log; after it, fd 2 is the console."""
+    import os
+
+    from phi3v_ray.console import native_stderr_to_log
+
+    monkeypatch.delenv("PHI3V_VERBOSE", raising=False)
+    run_dir = tmp_path / "runs" / "quiet"
+    with native_stderr_to_log(str(run_dir)):
+        os.write(2, b"core_worker.cc:2465: a native warning\n")
+    os.write(2, b"after the block\n")
+    err = capfd.readouterr().err
+    assert "native warning" not in err and "after the block" in err
+    assert "native warning" in (run_dir / "logs" / "driver.log").read_text()
+
+    monkeypatch.setenv("PHI3V_VERBOSE", "1")  # -v: nothing is hidden
+    with native_stderr_to_log(str(run_dir)):
+        os.write(2, b"shown with -v\n")
+    assert "shown with -v" in capfd.readouterr().err
