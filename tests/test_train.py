@@ -167,11 +167,13 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(ray_local, tmp_pat
 
 def test_killed_worker_recovers_from_its_last_checkpoint(ray_local, tmp_path, demo_data, tiny_ckpt, straight_run):
     marker = tmp_path / "killed"
-    cfg = _cfg(tmp_path, demo_data, tiny_ckpt, name="killed", max_failures=1, fault_injection=f"1:2:{marker}", **RESUME)
+    cfg = _cfg(tmp_path, demo_data, tiny_ckpt, name="killed", max_failures=1, fault_injection=f"1:2:{marker}",
+               cache_data=True, **RESUME)
     result = run_training(cfg, start_ray=False)
     assert marker.read_text().startswith("killed rank 1 after step 2")
     # What follows the interruption matches the uninterrupted run only if the weights, AdamW state,
-    # schedule and RNG (the adapters' dropout) came back from the checkpoint.
+    # schedule and RNG (the adapters' dropout) came back from the checkpoint. This run reads cached
+    # rows (cache_data), the straight one streamed rows: the batch order is the same.
     _assert_resumed_not_restarted(result, cfg, straight_run, interrupted_after=2)
 
 
