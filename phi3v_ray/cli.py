@@ -24,16 +24,16 @@ def _train(args) -> int:
     if args.help_config:
         print(config_help())
         return 0
-    from .launch import ClusterCannotFit, run_training
+    from .launch import ClusterCannotFit, RayDidNotStart, run_training
     from .checkpointing import CheckpointCorrupt
     from .lease import RunInUse
 
     # each refusal and its exit status
-    exit_codes = ((ConfigError, 2), (ClusterCannotFit, 3), (CheckpointCorrupt, 4), (RunInUse, 5))
+    exit_codes = ((ConfigError, 2), (ClusterCannotFit, 3), (RayDidNotStart, 3), (CheckpointCorrupt, 4), (RunInUse, 5))
     try:
         cfg, problems = _read_config(args)
         run_training(cfg, problems=problems)
-    except (ConfigError, ClusterCannotFit, CheckpointCorrupt, RunInUse) as err:
+    except tuple(kind for kind, _ in exit_codes) as err:
         print(f"phi3v-ray: {err}", file=sys.stderr)
         return next(code for kind, code in exit_codes if isinstance(err, kind))
     except Exception as err:

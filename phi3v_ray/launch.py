@@ -44,8 +44,21 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # A run starts its trainers, controller and preprocessing actors at once; on a 2-core machine that
         # is over Ray's per-core startup guess, and the raylet would warn on the console every run.
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(2 * cpus))
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env, **quiet)
+        try:
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env, **quiet)
+        except Exception as err:  # Ray raises a bare Exception; its text is the only way to tell this case
+            if "timed out during startup" not in str(err):
+                raise
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            raise RayDidNotStart(
+                f"the private local Ray did not start: its processes did not come up within Ray's 30 s "
+                f"(load average {load:.1f} on {os.cpu_count()} cores). Run again when the machine is less "
+                f"busy, or point RAY_ADDRESS at a running cluster") from err
         STARTED_HERE["ray"] = True
+
+
+class RayDidNotStart(RuntimeError):
+    """The private local Ray timed out while starting (an overloaded machine)."""
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:

@@ -198,3 +198,22 @@ def test_native_stderr_goes_to_the_run_log_and_comes_back(tmp_path, capfd, monke
     with native_stderr_to_log(str(run_dir)):
         os.write(2, b"shown with -v\n")
     assert "shown with -v" in capfd.readouterr().err
+
+
+def test_a_local_ray_that_times_out_starting_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    """Ray's bare 'node timed out during startup' (an overloaded machine) becomes one sentence, exit 3."""
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+    def init(**kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some of the "
+                        "raylet failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "init", init)
+    assert main(["train", "max_steps=1"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("phi3v-ray: the private local Ray did not start") and "load average" in err[-1]
+    assert "Traceback" not in "\n".join(err)
