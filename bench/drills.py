@@ -16,7 +16,8 @@ the run resumes from the one before; export refuses the damaged one), crafted_pi
 pickle that would run code, with the manifest rewritten to match), crafted_pickle_ddp (the same in the
 DDP engine's optimizer.pt), skip_decode_drops (on_bad_record=skip: 2 invalid training lines, 10
 undecodable training images and 1 validation image), bad_record_fail (5 undecodable images, fail
-mode), text_only_ddp / text_only_zero2 (every other record without images), same_name_twice.
+mode), text_only_ddp / text_only_zero2 (records of 1 image and text-only ones, micro-batches of 1: the
+steps where one rank had a text-only record are counted), same_name_twice.
 
 Each drill's result is merged into --out as soon as it finishes, so drills can run one invocation at a time.
 """
@@ -56,6 +57,7 @@ class Drills:
         self.store = work / "runs"
         self.results: dict[str, dict] = {}
         self.baseline: dict | None = None
+        self.startup_timeouts = 0  # CLI runs retried because the local Ray timed out while starting
 
     # ------------------------------------------------------------------ running the CLI
     def cli(self, name: str, *overrides: str, log: str | None = None, wait: bool = True, extra_env=None):
@@ -63,17 +65,20 @@ class Drills:
                 f"storage_path={self.store}", *COMMON, *overrides]
         env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TRAIN_V2_ENABLED": "1", **(extra_env or {})}
         env.pop("RAY_ADDRESS", None)
-        for _ in range(3):  # on an overloaded machine a local Ray can time out while starting: not a drill result
-            out = open(self.work / f"{log or name}.log", "w")
+        path = self.work / f"{log or name}.log"
+        for attempt in range(3):  # on an overloaded machine a local Ray can time out while starting: not a drill result
+            out = open(path, "w")
             proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             if not wait:
                 return proc
             rc = proc.wait()
             out.close()
-            text = (self.work / f"{log or name}.log").read_text()
+            text = path.read_text()
             if "timed out during startup" not in text:
                 break
+            path.rename(path.with_suffix(f".startup-timeout{attempt + 1}.log"))  # kept, and counted in the result
+            self.startup_timeouts += 1
         return rc, text
 
     @staticmethod
@@ -185,7 +190,7 @@ class Drills:
         return {"rc": rc, "damaged": damaged,
                 "skipped_line": skipped[0][:300] if skipped else "", "resumed": self.resumed_from(log),
                 "export_of_damaged_refused": exp.returncode != 0 and not export_out.exists(),
-                "export_error": self.last_line(exp.stderr)[-300:], **self.compare(name)}
+                "export_error": self.last_line(exp.stderr)[:400], **self.compare(name)}
 
     def corrupt_weights_random(self) -> dict:
         return self._corrupt("corrupt_weights_random", "trainable.safetensors", "random")
@@ -281,32 +286,63 @@ class Drills:
         return {"rc": rc, "seconds": round(time.time() - t0), "last_line": self.last_line(log)[:400],
                 "attempts": log.count("mode=full trainable")}
 
+    TEXT_ONLY = {"images": [], "user": "How many sides has a square, and how long is each?",
+                 "assistant": "A square has four sides, and all four of them are of the same length."}
+
     def _text_only_data(self) -> Path:
+        """The demo data with every record of more than one image (same_colour, motion: half of them) turned
+        into a text-only one: each training record then holds 1 image or none."""
         src = self.store / "demo-data"
         if not (src / "train.jsonl").is_file():
             from datasets_ray.demo import make_demo_dataset
 
             make_demo_dataset(src, seed=0)
-        data = self.work / "text-only-data-half"
+        data = self.work / "text-only-data-1or0"
         if not data.is_dir():
             shutil.copytree(src, data)
             lines = []
-            for i, line in enumerate((data / "train.jsonl").read_text().splitlines()):
+            for line in (data / "train.jsonl").read_text().splitlines():
                 rec = json.loads(line)
-                # Every other record. Micro-batches of 1 on 2 ranks from a shuffled stream: about half the steps
-                # pair a text-only record on one rank with images on the other (none of 15 does: 0.5^15 ≈ 3e-5).
-                if i % 2 == 1:
-                    rec["conversations"] = [{"images": [], "user": "How many sides has a square?", "assistant": "four"}]
+                if sum(len(turn["images"]) for turn in rec["conversations"]) != 1:
+                    rec["conversations"] = [self.TEXT_ONLY]
                 lines.append(json.dumps(rec))
             (data / "train.jsonl").write_text("\n".join(lines) + "\n")
         return data
 
+    def _record_tokens(self, data: Path) -> dict[int, set[int]]:
+        """{images of a record: its token counts}, built by the pipeline's own row builder."""
+        from datasets_ray.pipeline import DataPaths, Phi3VPreprocessor
+        from phi3v_ray.config import read_config
+
+        cfg, _ = read_config("demo", [f"images_root={data / 'images'}"])
+        builder = Phi3VPreprocessor(cfg.data, DataPaths(processor_dir=str(self.store / "tiny-checkpoint")), "train")
+        sizes: dict[int, set[int]] = {}
+        for line in (data / "train.jsonl").read_text().splitlines():
+            row = builder.build_row(json.loads(line))
+            sizes.setdefault(int(row["num_images"]), set()).add(int(row["num_tokens"]))
+        return sizes
+
     def _text_only(self, name: str, *overrides: str) -> dict:
+        """Micro-batches of 1 on 2 ranks: a step has 0, 1 or 2 images. A logged step's tokens/images ratio
+        (its tokens_per_s / images_per_s) tells the two apart when it has images: ≤ the largest image
+        record's tokens when both ranks had an image, image + text-only tokens when one rank had a text-only
+        record (the steps this drill is about). Steps with no image had text-only records on both ranks."""
         self.fresh(name)
         data = self._text_only_data()
         rc, log = self.cli(name, f"train_file={data / 'train.jsonl'}", f"val_file={data / 'test.jsonl'}",
                            f"images_root={data / 'images'}", "max_failures=0", "micro_batch=1", *overrides)
-        return {"rc": rc, "steps": len(self.losses(name)), "final_checkpoint": bool(self.checkpoints(name)),
+        sizes = self._record_tokens(data)
+        image, text = sizes.get(1, {0}), sizes.get(0, {0})
+        path = self.run_dir(name) / "artifacts" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        rows = {r["step"]: r for r in rows if "loss" in r}  # a step logged twice: the last
+        ratio = {s: r["tokens_per_s"] / r["images_per_s"] for s, r in rows.items() if r["images_per_s"] > 0}
+        return {"rc": rc, "steps": len(self.losses(name)), "final_checkpoint": self.final(name) is not None,
+                "record_tokens": {"image": [min(image), max(image)], "text_only": [min(text), max(text)]},
+                "separable": sorted(sizes) == [0, 1] and min(text) > max(image) - min(image),
+                "mixed_steps": sorted(s for s, x in ratio.items() if x > max(image) + 0.5),
+                "both_image_steps": sorted(s for s, x in ratio.items() if x <= max(image) + 0.5),
+                "both_text_only_steps": sorted(s for s in rows if s not in ratio),
                 "last_line": self.last_line(log)[:200]}
 
     def text_only_ddp(self) -> dict:
@@ -354,12 +390,14 @@ def main() -> None:
     if needs_baseline & set(wanted) and "straight" not in wanted:
         wanted.insert(0, "straight")
     for name in wanted:
-        t0 = time.time()
+        t0, drills.startup_timeouts = time.time(), 0
         try:
             result = getattr(drills, name)()
         except Exception as err:  # a drill that broke is a result too
             result = {"error": f"{type(err).__name__}: {err}"}
         result["wall_s"] = round(time.time() - t0)
+        if drills.startup_timeouts:
+            result["ray_startup_timeouts_retried"] = drills.startup_timeouts
         drills.results[name] = result
         print(f"{name}: {json.dumps(result, default=str)}", flush=True)
         if args.out:  # after every drill, merged into what --out holds: drills run one invocation at a time add up
