@@ -290,20 +290,26 @@ class Drills:
                  "assistant": "A square has four sides, and all four of them are of the same length."}
 
     def _text_only_data(self) -> Path:
-        """The demo data with every record of more than one image (same_colour, motion: half of them) turned
-        into a text-only one: each training record then holds 1 image or none."""
+        """The demo's records of one image (colour, digit), half of them, drawn at random, made text-only: each
+        training record holds 1 image or none. At random, not by position: both ranks shuffle their shards with
+        the same seed, so a pattern by position (the demo's tasks repeat every 4 records) puts records of the
+        same kind on both ranks in every step, and no step would mix them."""
+        import random
+
         src = self.store / "demo-data"
         if not (src / "train.jsonl").is_file():
             from datasets_ray.demo import make_demo_dataset
 
             make_demo_dataset(src, seed=0)
-        data = self.work / "text-only-data-1or0"
+        data = self.work / "text-only-data-random"
         if not data.is_dir():
             shutil.copytree(src, data)
-            lines = []
+            rng, lines = random.Random(0), []
             for line in (data / "train.jsonl").read_text().splitlines():
                 rec = json.loads(line)
                 if sum(len(turn["images"]) for turn in rec["conversations"]) != 1:
+                    continue
+                if rng.random() < 0.5:
                     rec["conversations"] = [self.TEXT_ONLY]
                 lines.append(json.dumps(rec))
             (data / "train.jsonl").write_text("\n".join(lines) + "\n")
