@@ -13,9 +13,13 @@ Drills: straight (the baseline), killed_worker, killed_driver (SIGKILL the drive
 after checkpoint 6, rerun), corrupt_weights_random (4 KiB of random bytes in the newest checkpoint's
 weights), corrupt_weights_truncated, corrupt_optimizer_truncated (the newest checkpoint is skipped,
 the run resumes from the one before; export refuses the damaged one), crafted_pickle (ZeRO-2: a
-pickle that would run code, with the manifest rewritten to match), skip_decode_drops (5 of the
-records have undecodable images, on_bad_record=skip), bad_record_fail (the same data in fail mode),
-text_only_ddp / text_only_zero2 (records without images mixed in), same_name_twice.
+pickle that would run code, with the manifest rewritten to match), crafted_pickle_ddp (the same in the
+DDP engine's optimizer.pt), skip_decode_drops (on_bad_record=skip: 2 invalid training lines, 10
+undecodable training images and 1 validation image), bad_record_fail (5 undecodable images, fail
+mode), text_only_ddp / text_only_zero2 (records of 1 image and text-only ones, micro-batches of 1: the
+steps where one rank had a text-only record are counted), same_name_twice.
+
+Each drill's result is merged into --out as soon as it finishes, so drills can run one invocation at a time.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class Drills:
         self.store = work / "runs"
         self.results: dict[str, dict] = {}
         self.baseline: dict | None = None
+        self.startup_timeouts = 0  # CLI runs retried because the local Ray timed out while starting
 
     # ------------------------------------------------------------------ running the CLI
     def cli(self, name: str, *overrides: str, log: str | None = None, wait: bool = True, extra_env=None):
@@ -60,17 +65,20 @@ class Drills:
                 f"storage_path={self.store}", *COMMON, *overrides]
         env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TRAIN_V2_ENABLED": "1", **(extra_env or {})}
         env.pop("RAY_ADDRESS", None)
-        for _ in range(3):  # on an overloaded machine a local Ray can time out while starting: not a drill result
-            out = open(self.work / f"{log or name}.log", "w")
+        path = self.work / f"{log or name}.log"
+        for attempt in range(3):  # on an overloaded machine a local Ray can time out while starting: not a drill result
+            out = open(path, "w")
             proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             if not wait:
                 return proc
             rc = proc.wait()
             out.close()
-            text = (self.work / f"{log or name}.log").read_text()
+            text = path.read_text()
             if "timed out during startup" not in text:
                 break
+            path.rename(path.with_suffix(f".startup-timeout{attempt + 1}.log"))  # kept, and counted in the result
+            self.startup_timeouts += 1
         return rc, text
 
     @staticmethod
@@ -134,13 +142,14 @@ class Drills:
 
     # ------------------------------------------------------------------ the drills
     def straight(self) -> dict:
-        rc = 0
-        if self.final("straight") is None:  # a finished baseline in --work is reused
+        rc, reused = 0, self.final("straight") is not None
+        if not reused:  # a finished baseline in --work is reused
             self.fresh("straight")
             rc, _ = self.cli("straight")
         final = self.final("straight")
         self.baseline = {"losses": self.losses("straight"), "final": final}
-        return {"rc": rc, "steps": len(self.baseline["losses"]), "final_checkpoint": final is not None}
+        return {"rc": rc, "steps": len(self.baseline["losses"]), "final_checkpoint": final is not None,
+                **({"reused": True} if reused else {})}
 
     def killed_worker(self) -> dict:
         self.fresh("killed_worker")
@@ -181,7 +190,7 @@ class Drills:
         return {"rc": rc, "damaged": damaged,
                 "skipped_line": skipped[0][:300] if skipped else "", "resumed": self.resumed_from(log),
                 "export_of_damaged_refused": exp.returncode != 0 and not export_out.exists(),
-                "export_error": self.last_line(exp.stderr)[-300:], **self.compare(name)}
+                "export_error": self.last_line(exp.stderr)[:400], **self.compare(name)}
 
     def corrupt_weights_random(self) -> dict:
         return self._corrupt("corrupt_weights_random", "trainable.safetensors", "random")
@@ -192,51 +201,79 @@ class Drills:
     def corrupt_optimizer_truncated(self) -> dict:
         return self._corrupt("corrupt_optimizer_truncated", "optimizer.pt", "truncate")
 
-    def crafted_pickle(self) -> dict:
+    def _crafted(self, name: str, victim: str, *overrides: str) -> dict:
         from phi3v_ray.checkpointing import write_manifest
 
-        name = "crafted_pickle"
-        self.interrupted(name, "zero_stage=2")
+        self.interrupted(name, *overrides)
         newest = self.checkpoints(name)[-1]
-        victim = newest / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-        marker = self.work / "crafted_pickle.code_ran"
+        marker = self.work / f"{name}.code_ran"
+        marker.unlink(missing_ok=True)
         import torch
 
-        torch.save({"optimizer_state_dict": _RunsACommand(str(marker))}, victim)
+        torch.save({"optimizer_state_dict": _RunsACommand(str(marker))}, newest / victim)
         manifest = json.loads((newest / "manifest_rank0.json").read_text())
         write_manifest(newest, 0, manifest["world_size"])  # the attacker rewrites the manifest too
         t0 = time.time()
-        rc, log = self.cli(name, "zero_stage=2")
-        return {"rc": rc, "code_ran": marker.exists(), "seconds": round(time.time() - t0),
-                "last_line": self.last_line(log)[:400]}
+        rc, log = self.cli(name, *overrides)
+        return {"rc": rc, "crafted": f"{newest.name}/{victim} (step {self.step_of(newest)})",
+                "code_ran": marker.exists(), "seconds": round(time.time() - t0),
+                "attempts": log.count("mode=full trainable"), "last_line": self.last_line(log)[:400]}
 
-    def _broken_images_data(self, n_bad: int = 5) -> Path:
-        """The demo data with `n_bad` training images overwritten by bytes that are no image."""
+    def crafted_pickle(self) -> dict:  # ZeRO-2: DeepSpeed's loader, forced to weights-only
+        return self._crafted("crafted_pickle", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_stage=2")
+
+    def crafted_pickle_ddp(self) -> dict:
+        return self._crafted("crafted_pickle_ddp", "optimizer.pt")
+
+    def _broken_images_data(self, folder: str = "broken-data", n_bad: int = 5, n_invalid: int = 0,
+                            n_bad_val: int = 0) -> Path:
+        """The demo data with `n_bad` training images (and `n_bad_val` validation images) overwritten by bytes
+        that are no image, and `n_invalid` training lines that fail validation (malformed JSON, a missing image)."""
         src = self.store / "demo-data"
         if not (src / "train.jsonl").is_file():
             from datasets_ray.demo import make_demo_dataset
 
             make_demo_dataset(src, seed=0)
-        data = self.work / "broken-data"
+        data = self.work / folder
         if not data.is_dir():
             shutil.copytree(src, data)
-            records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
-            for rec in records[:n_bad * 7:7]:
-                (data / "images" / rec["conversations"][0]["images"][0]).write_bytes(b"not an image" * 10)
+            for split, n in (("train", n_bad), ("test", n_bad_val)):
+                records = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()]
+                for rec in records[:n * 7:7]:
+                    (data / "images" / rec["conversations"][0]["images"][0]).write_bytes(b"not an image" * 10)
+            invalid = ['{"id": "broken-json", "conversations": [', json.dumps(
+                {"id": "missing-image", "conversations": [{"images": ["train/no-such.png"], "user": "What colour?",
+                                                           "assistant": "red"}]})]
+            with open(data / "train.jsonl", "a") as f:
+                f.writelines(line + "\n" for line in (invalid * n_invalid)[:n_invalid])
         return data
 
     def skip_decode_drops(self) -> dict:
+        """Skip mode: 2 training records fail validation, 10 training images and 1 validation image fail to
+        decode. 2 × 120 records feed 30 micro-batches of 4 per rank; 230 left feed 29, so the data runs out
+        a step before the plan and the run must still end with its final checkpoint, weights and evaluation."""
         self.fresh("skip_decode_drops", "skip_decode_strict")
-        data = self._broken_images_data()
+        data = self._broken_images_data("skip-data", n_bad=10, n_invalid=2, n_bad_val=1)
         files = [f"train_file={data / 'train.jsonl'}", f"val_file={data / 'test.jsonl'}", f"images_root={data / 'images'}"]
         rc, log = self.cli("skip_decode_drops", "on_bad_record=skip", *files, "max_steps=0", "epochs=1")
-        dropped = json.loads((self.run_dir("skip_decode_drops") / "artifacts" / "dropped.json").read_text()) \
-            if (self.run_dir("skip_decode_drops") / "artifacts" / "dropped.json").is_file() else {}
+        run = self.run_dir("skip_decode_drops")
+        dropped = json.loads((run / "artifacts" / "dropped.json").read_text()) \
+            if (run / "artifacts" / "dropped.json").is_file() else {}
+        rows = [json.loads(line) for line in (run / "artifacts" / "metrics.jsonl").read_text().splitlines()] \
+            if (run / "artifacts" / "metrics.jsonl").is_file() else []
         finals = [c for c in self.checkpoints("skip_decode_drops") if (c / "model").is_dir()]
         rc_strict, log_strict = self.cli("skip_decode_strict", "on_bad_record=skip", *files, "max_steps=0", "epochs=1",
                                          "max_bad_fraction=0.01")
-        return {"rc": rc, "dropped": dropped, "final_weights": bool(finals),
-                "final_eval": (self.run_dir("skip_decode_drops") / "artifacts" / "eval" / "after.json").is_file(),
+        return {"rc": rc, "dropped": dropped,
+                "metrics_dropped_row": next(({k: v for k, v in r.items() if k.startswith("dropped/")}
+                                             for r in rows if r.get("step") == -1), {}),
+                "summary_dropped": next((line.strip() for line in log.splitlines()
+                                         if line.strip().startswith("dropped")), ""),
+                "planned_steps": next((line.split("records, ")[1].split(" optimizer")[0] for line in log.splitlines()
+                                       if "optimizer steps of" in line), ""),
+                "steps": len(self.losses("skip_decode_drops")),
+                "final_step": max((self.step_of(c) or 0 for c in finals), default=None),
+                "final_weights": bool(finals), "final_eval": (run / "artifacts" / "eval" / "after.json").is_file(),
                 "ran_out_line": next((line for line in log.splitlines() if "ran out" in line), "")[:200],
                 "strict_rc": rc_strict, "strict_last_line": self.last_line(log_strict)[:300]}
 
@@ -249,30 +286,69 @@ class Drills:
         return {"rc": rc, "seconds": round(time.time() - t0), "last_line": self.last_line(log)[:400],
                 "attempts": log.count("mode=full trainable")}
 
+    TEXT_ONLY = {"images": [], "user": "How many sides has a square, and how long is each?",
+                 "assistant": "A square has four sides, and all four of them are of the same length."}
+
     def _text_only_data(self) -> Path:
+        """The demo's records of one image (colour, digit), half of them, drawn at random, made text-only: each
+        training record holds 1 image or none. At random, not by position: both ranks shuffle their shards with
+        the same seed, so a pattern by position (the demo's tasks repeat every 4 records) puts records of the
+        same kind on both ranks in every step, and no step would mix them."""
+        import random
+
         src = self.store / "demo-data"
         if not (src / "train.jsonl").is_file():
             from datasets_ray.demo import make_demo_dataset
 
             make_demo_dataset(src, seed=0)
-        data = self.work / "text-only-data"
+        data = self.work / "text-only-data-random"
         if not data.is_dir():
             shutil.copytree(src, data)
-            lines = []
-            for i, line in enumerate((data / "train.jsonl").read_text().splitlines()):
+            rng, lines = random.Random(0), []
+            for line in (data / "train.jsonl").read_text().splitlines():
                 rec = json.loads(line)
-                if i % 8 == 4:  # one record in 8: rank 1's first micro-batch of step 1 holds one
-                    rec["conversations"] = [{"images": [], "user": "How many sides has a square?", "assistant": "four"}]
+                if sum(len(turn["images"]) for turn in rec["conversations"]) != 1:
+                    continue
+                if rng.random() < 0.5:
+                    rec["conversations"] = [self.TEXT_ONLY]
                 lines.append(json.dumps(rec))
             (data / "train.jsonl").write_text("\n".join(lines) + "\n")
         return data
 
+    def _record_tokens(self, data: Path) -> dict[int, set[int]]:
+        """{images of a record: its token counts}, built by the pipeline's own row builder."""
+        from datasets_ray.pipeline import DataPaths, Phi3VPreprocessor
+        from phi3v_ray.config import read_config
+
+        cfg, _ = read_config("demo", [f"images_root={data / 'images'}"])
+        builder = Phi3VPreprocessor(cfg.data, DataPaths(processor_dir=str(self.store / "tiny-checkpoint")), "train")
+        sizes: dict[int, set[int]] = {}
+        for line in (data / "train.jsonl").read_text().splitlines():
+            row = builder.build_row(json.loads(line))
+            sizes.setdefault(int(row["num_images"]), set()).add(int(row["num_tokens"]))
+        return sizes
+
     def _text_only(self, name: str, *overrides: str) -> dict:
+        """Micro-batches of 1 on 2 ranks: a step has 0, 1 or 2 images. A logged step's tokens/images ratio
+        (its tokens_per_s / images_per_s) tells the two apart when it has images: ≤ the largest image
+        record's tokens when both ranks had an image, image + text-only tokens when one rank had a text-only
+        record (the steps this drill is about). Steps with no image had text-only records on both ranks."""
         self.fresh(name)
         data = self._text_only_data()
         rc, log = self.cli(name, f"train_file={data / 'train.jsonl'}", f"val_file={data / 'test.jsonl'}",
                            f"images_root={data / 'images'}", "max_failures=0", "micro_batch=1", *overrides)
-        return {"rc": rc, "steps": len(self.losses(name)), "final_checkpoint": bool(self.checkpoints(name)),
+        sizes = self._record_tokens(data)
+        image, text = sizes.get(1, {0}), sizes.get(0, {0})
+        path = self.run_dir(name) / "artifacts" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        rows = {r["step"]: r for r in rows if "loss" in r}  # a step logged twice: the last
+        ratio = {s: r["tokens_per_s"] / r["images_per_s"] for s, r in rows.items() if r["images_per_s"] > 0}
+        return {"rc": rc, "steps": len(self.losses(name)), "final_checkpoint": self.final(name) is not None,
+                "record_tokens": {"image": [min(image), max(image)], "text_only": [min(text), max(text)]},
+                "separable": sorted(sizes) == [0, 1] and min(text) > max(image) - min(image),
+                "mixed_steps": sorted(s for s, x in ratio.items() if x > max(image) + 0.5),
+                "both_image_steps": sorted(s for s, x in ratio.items() if x <= max(image) + 0.5),
+                "both_text_only_steps": sorted(s for s in rows if s not in ratio),
                 "last_line": self.last_line(log)[:200]}
 
     def text_only_ddp(self) -> dict:
@@ -300,16 +376,16 @@ class Drills:
                 "metrics_steps_in_order": logged == sorted(logged) and len(set(logged)) == len(logged)}
 
 
-ORDER = ["straight", "corrupt_weights_random", "crafted_pickle", "text_only_ddp", "bad_record_fail",
-         "skip_decode_drops", "same_name_twice", "killed_worker", "killed_driver", "text_only_zero2",
-         "corrupt_weights_truncated", "corrupt_optimizer_truncated"]
+ORDER = ["straight", "corrupt_weights_random", "crafted_pickle", "crafted_pickle_ddp", "text_only_ddp",
+         "bad_record_fail", "skip_decode_drops", "same_name_twice", "killed_worker", "killed_driver",
+         "text_only_zero2", "corrupt_weights_truncated", "corrupt_optimizer_truncated"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="comma-separated drill names (default: all)")
     parser.add_argument("--work", default="", help="working directory (default: a new temporary one)")
-    parser.add_argument("--out", default="", help="write the results as JSON here")
+    parser.add_argument("--out", default="", help="write the results as JSON here (merged with the drills it holds)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="phi3v-drills-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -320,16 +396,21 @@ def main() -> None:
     if needs_baseline & set(wanted) and "straight" not in wanted:
         wanted.insert(0, "straight")
     for name in wanted:
-        t0 = time.time()
+        t0, drills.startup_timeouts = time.time(), 0
         try:
             result = getattr(drills, name)()
         except Exception as err:  # a drill that broke is a result too
             result = {"error": f"{type(err).__name__}: {err}"}
         result["wall_s"] = round(time.time() - t0)
+        if drills.startup_timeouts:
+            result["ray_startup_timeouts_retried"] = drills.startup_timeouts
         drills.results[name] = result
         print(f"{name}: {json.dumps(result, default=str)}", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(drills.results, indent=1, default=str))
+        if args.out:  # after every drill, merged into what --out holds: drills run one invocation at a time add up
+            out = Path(args.out)
+            saved = json.loads(out.read_text()) if out.is_file() else {}
+            fresh = {k: v for k, v in drills.results.items() if not (v.get("reused") and k in saved)}
+            out.write_text(json.dumps({**saved, **fresh}, indent=1, default=str))
     print(f"logs in {work}")
 
 

@@ -238,25 +238,42 @@ def weights_only_loads():
     Allows the few non-tensor types DeepSpeed ZeRO-2 writes into its checkpoint; anything else (a
     `__reduce__` that runs a command) is refused with an UnpicklingError.
     """
-    allowed = []
-    try:  # what ZeRO-2 pickles besides tensors and builtins (torch.serialization.get_unsafe_globals_in_checkpoint)
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        allowed += [LossScaler, DynamicLossScaler, fragment_address, ZeroStageEnum]
-    except ImportError:
-        pass
     before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(_deepspeed_globals()):
             yield
     finally:
         if before is None:
             os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
         else:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+def _deepspeed_globals() -> list:
+    """What ZeRO-2 pickles besides tensors and builtins (torch.serialization.get_unsafe_globals_in_checkpoint)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, fragment_address, ZeroStageEnum]
+
+
+def refused_pickles(directory: Path) -> dict[str, list[str]]:
+    """The checkpoint's `.pt` files that weights-only loading refuses, each with the globals it names
+    (e.g. {"optimizer.pt": ["builtins.exec"]}). The pickles' opcodes are read, nothing is unpickled."""
+    found = {}
+    with torch.serialization.safe_globals(_deepspeed_globals()):
+        for path in sorted(Path(directory).rglob("*.pt")):
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+            except Exception:  # not a torch.save zip (a legacy or foreign file): the load itself says so
+                continue
+            if unsafe:
+                found[path.relative_to(directory).as_posix()] = sorted(unsafe)
+    return found
 
 
 def build_engine(cfg, model, total_steps: int, precision: str, device: torch.device, world_size: int):

@@ -137,7 +137,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if _cause_of_type(err, DeterministicFailure) is None:
             kind, bad = _deterministic_cause(err)
             if bad is not None:
-                say(f"stopped on a {kind}: {bad}")
+                say(f"rank {worker.rank} stopped on a {kind}: {bad}")  # each rank that met it: its own line
                 raise DeterministicFailure(f"{kind}: {bad}") from err
         raise
     finally:
@@ -167,6 +167,23 @@ def choose_checkpoint(run_dir: str) -> str:
         raise CheckpointCorrupt(f"no checkpoint of {run_dir} passes verification: " + " | ".join(skipped)
                                 + ". Delete the damaged checkpoint directories to start over, or use another name.")
     return ""
+
+
+def refused_pickle_message(checkpoint: str, directory: Path, err: Exception) -> str:
+    """`<checkpoint>/<file>: refused to unpickle: it names builtins.exec, ...`: which file weights-only loading
+    refused and for which globals (torch's message names no file, and its first line no global)."""
+    from .engine import refused_pickles
+
+    checkpoint = checkpoint.rstrip("/")
+    why = "which is neither a tensor nor plain data (a crafted or foreign file; nothing in it ran)"
+    found = refused_pickles(directory)
+    if found:
+        return "; ".join(f"{checkpoint}/{rel}: refused to unpickle: it names {', '.join(names)}, {why}"
+                         for rel, names in found.items())
+    # Not visible in the opcodes: torch's "Unsupported global: GLOBAL x was not an allowed global" line, if any.
+    line = next((ln for ln in str(err).splitlines() if "Unsupported global:" in ln), "")
+    name = line.split("Unsupported global:", 1)[1].split(" was not", 1)[0].replace("GLOBAL", "").strip() if line else ""
+    return f"{checkpoint}: refused to unpickle a file of it: it names {name or 'a type it does not allow'}, {why}"
 
 
 def _broadcast_text(text: str, worker: Worker) -> str:
@@ -303,8 +320,7 @@ class Recipe:
             try:
                 self.state, self.history = read_checkpoint(Path(directory), self.engine, self.worker.rank)
             except pickle.UnpicklingError as err:  # weights-only loading met a type it does not allow
-                raise CheckpointCorrupt(f"{chosen}: refused to unpickle a checkpoint file that holds more than "
-                                        f"tensors and plain data (crafted or foreign): {str(err).splitlines()[0]}") from err
+                raise CheckpointCorrupt(refused_pickle_message(chosen, Path(directory), err)) from err
         self.state.resumed_at.append(self.state.step)
         if self.worker.rank == 0:
             s = self.state

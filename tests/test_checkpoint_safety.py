@@ -27,10 +27,11 @@ from phi3v_ray.checkpointing import (
 )
 from phi3v_ray.collate import collate
 from phi3v_ray.config import TrainConfig
-from phi3v_ray.engine import build_engine, train_step
+from phi3v_ray.engine import build_engine, refused_pickles, train_step
 from phi3v_ray.examples import build_example
 from phi3v_ray.hardware import resolve_hardware
 from phi3v_ray.processor import Phi3VProcessor
+from phi3v_ray.train import refused_pickle_message
 
 
 class _RunsACommand:
@@ -80,6 +81,7 @@ def _save_load_and_craft(cfg_dict: dict, tiny_ckpt: str, batch: dict, out: str, 
         p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file())}
     state, _ = read_checkpoint(ckpt, _engine(cfg, Path(tiny_ckpt)), rank=0)
     result["resumed_step"] = state.step
+    result["intact_refused"] = refused_pickles(ckpt)
 
     marker = Path(out) / "marker"
     torch.save({"optimizer": _RunsACommand(str(marker))}, ckpt / victim)
@@ -90,6 +92,8 @@ def _save_load_and_craft(cfg_dict: dict, tiny_ckpt: str, batch: dict, out: str, 
         result["load_error"] = None
     except pickle.UnpicklingError as err:
         result["load_error"] = str(err)[:300]
+        result["refused"] = refused_pickles(ckpt)
+        result["message"] = refused_pickle_message("runs/x/checkpoint_1", ckpt, err)
     result["marker_written"] = marker.exists()
     return result
 
@@ -118,6 +122,19 @@ def _assert_refused(result: dict, victim: str) -> None:
     assert any(victim in p for p in result["crafted_problems"]), result["crafted_problems"]
     assert result["load_error"] is not None, "the crafted pickle was loaded"
     assert not result["marker_written"], "unpickling ran the attacker's code"
+    # the CLI's last line names the file and the global, not only torch's generic advice
+    assert result["intact_refused"] == {}, result["intact_refused"]  # DeepSpeed's own types are allowed
+    assert result["refused"] == {victim: ["builtins.exec"]}, result["refused"]
+    assert result["message"].startswith(f"runs/x/checkpoint_1/{victim}: refused to unpickle: it names builtins.exec")
+    assert "\x1b" not in result["message"] and "nothing in it ran" in result["message"]
+
+
+def test_a_refused_pickle_not_seen_in_the_opcodes_is_named_from_torchs_message(tmp_path):
+    err = pickle.UnpicklingError("Weights only load failed. \x1b[1mdo those steps\x1b[0m.\n\tWeightsUnpickler error: "
+                                 "Unsupported global: GLOBAL posix.system was not an allowed global by default.")
+    message = refused_pickle_message("runs/x/checkpoint_1/", tmp_path, err)
+    assert message.startswith("runs/x/checkpoint_1: refused to unpickle a file of it: it names posix.system, ")
+    assert "\x1b" not in message
 
 
 def test_ddp_resume_refuses_a_crafted_pickle(tiny_ckpt, demo_data, tmp_path):
