@@ -37,6 +37,13 @@ def local_logs_dir(run_dir: str) -> Path:
     return local_run_dir(run_dir) / "logs"
 
 
+def driver_log(run_dir: str) -> Path:
+    """<run_dir>/logs/driver.log (its folder made): where the driver's library and native logs go."""
+    logs = local_logs_dir(run_dir)
+    logs.mkdir(parents=True, exist_ok=True)
+    return logs / "driver.log"
+
+
 class Console:
     """Prints rank 0's lines on the driver and sends library logs to a file (a no-op with -v)."""
 
@@ -97,9 +104,7 @@ class Console:
         """Library loggers write to logs/driver.log; their console handlers only show errors."""
         if is_remote(self.run_dir):
             return
-        logs = local_logs_dir(self.run_dir)
-        logs.mkdir(parents=True, exist_ok=True)
-        self._handler = logging.FileHandler(logs / "driver.log")
+        self._handler = logging.FileHandler(driver_log(self.run_dir))
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.captureWarnings(True)
         for name in LIBRARY_LOGGERS:
@@ -123,12 +128,10 @@ def native_stderr_to_log(run_dir: str):
     if verbose() or is_remote(run_dir):
         yield
         return
-    logs = local_logs_dir(run_dir)
-    logs.mkdir(parents=True, exist_ok=True)
     sys.stderr.flush()
     saved = os.dup(2)
     try:
-        with open(logs / "driver.log", "ab") as log:
+        with open(driver_log(run_dir), "ab") as log:
             os.dup2(log.fileno(), 2)
             try:
                 yield
