@@ -1,11 +1,15 @@
 """What Ray costs the training loop, in time and memory: the same tiny-model run as a bare loop and
 through `run_training`.
 
-    bare         one process, no Ray: load_model + build_engine + train_step over micro-batches
-                 collated beforehand (torch at 1 thread, as a 1-CPU Ray worker gets)
+    bare         one process, no Ray in the loop: load_model + build_engine + train_step over the
+                 micro-batches the 1-worker run trains on, in its order (taken from the same Ray Data
+                 pipeline and collated before the clock starts), torch at 1 thread as a 1-CPU Ray
+                 worker gets. The same records matter: a demo step costs 0.1-1 s by its record
+                 (one image or 8 frames), so two loops over different records differ by ±15 %.
     ray 1 worker run_training with 1 worker: Ray Data feed, DDP engine, logging, reports at the cadence
     ray 2 workers the same with 2 workers (gloo), each with the same micro batch
     ... per-step  the 1-worker run reporting to Ray every step (report_every_s=0): the old behaviour
+    ... in the loop  the 1-worker run collating in the training loop (collate_ahead=0): the old feed
 
 Seconds per step are measured over the same steady window in each: from the end of step `--warmup`
 to the end of the last step (the Ray runs from the `wall_time` of rank 0's rows in metrics.jsonl),
@@ -52,38 +56,41 @@ def _memory_gb() -> dict[str, float]:
     return {"rss_gb": info.rss / 2**30, "uss_gb": info.uss / 2**30}
 
 
-def bare_loop(cfg, steps: int, warmup: int) -> dict:
-    """Seconds per step of the engine alone on pre-collated batches of the same records."""
-    import torch
-    from PIL import Image
+def training_batches(cfg, steps: int) -> list[dict]:
+    """The first `steps` collated micro-batches a 1-worker run of `cfg` trains on, in its order: the
+    same pipeline (`build_datasets`) and the same seeded iteration (`iter_train_batches`)."""
+    import shutil
 
-    from datasets_ray.schema import iter_jsonl
-    from phi3v_ray.collate import collate
+    from phi3v_ray.collate import Phi3VCollate, iter_train_batches
+    from phi3v_ray.launch import build_datasets
+
+    datasets, _, _ = build_datasets(cfg, run_dir=f"{cfg.run_dir}-feed")
+    batches = []
+    for batch in iter_train_batches(datasets["train"], cfg.micro_batch, epoch=0, seed=cfg.seed,
+                                    length_window=cfg.length_grouping_window, collate_fn=Phi3VCollate()):
+        batches.append(batch)
+        if len(batches) == steps:
+            break
+    shutil.rmtree(f"{cfg.run_dir}-feed", ignore_errors=True)
+    return batches
+
+
+def bare_loop(cfg, batches: list[dict], warmup: int) -> dict:
+    """Seconds per step of the engine alone on pre-collated batches."""
+    import torch
+
     from phi3v_ray.engine import build_engine, train_step
-    from phi3v_ray.examples import build_example
     from phi3v_ray.hardware import resolve_hardware
-    from phi3v_ray.processor import Phi3VProcessor
     from phi3v_ray.train import load_model
 
     torch.set_num_threads(1)
-    processor = Phi3VProcessor.from_pretrained(cfg.checkpoint, num_crops=cfg.data.num_crops)
-    root = Path(cfg.data.images_root)
-    rows = []
-    for _, text in iter_jsonl(cfg.data.train_file):
-        rec = json.loads(text)
-        images = [Image.open(root / p).convert("RGB") for turn in rec["conversations"] for p in turn.get("images") or []]
-        ex = build_example(processor, rec["conversations"], images, max_length=cfg.data.max_length)
-        rows.append({"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": ex.pixel_values,
-                     "image_sizes": ex.image_sizes})
-        if len(rows) == cfg.micro_batch * steps:
-            break
-    batches = [collate(rows[i:i + cfg.micro_batch]) for i in range(0, len(rows), cfg.micro_batch)]
+    steps = len(batches)
     hw = resolve_hardware(None, cfg.precision, cfg.attention)
     torch.manual_seed(cfg.seed)
     model = load_model(cfg, hw, torch.device("cpu"), cfg.checkpoint)
     engine = build_engine(cfg, model, steps, hw.precision, torch.device("cpu"), world_size=1)
     ends = []
-    for batch in batches[:steps]:
+    for batch in batches:
         out = train_step(engine, [batch])
         float(out.loss_sum)  # the Ray loop reads the loss at every logged step too
         ends.append(time.perf_counter())
@@ -125,15 +132,18 @@ def main() -> int:
     def cfg(name: str, **changes):
         return _config(workdir, ckpt, data, args.steps, args.micro_batch, name=name, **changes)
 
-    results = {"bare": bare_loop(cfg("bare", num_workers=1), args.steps, args.warmup)}
     ensure_ray()
+    bare_cfg = cfg("bare", num_workers=1)
+    results = {"bare": bare_loop(bare_cfg, training_batches(bare_cfg, args.steps), args.warmup)}
     runs = {
         "ray 1 worker": cfg("ray1", num_workers=1),
         "ray 2 workers": cfg("ray2", num_workers=2),
         "ray 1 worker, report every step": cfg("ray1-every", num_workers=1, report_every_s=0),
+        "ray 1 worker, collate in the loop": cfg("ray1-inline", num_workers=1, collate_ahead=0),
     }
     for label, run_cfg in runs.items():
         results[label] = ray_loop(run_cfg, args.warmup)
+        results[label]["load_avg_1m"] = os.getloadavg()[0]
 
     bare = results["bare"]["s_per_step"]
     print(f"\n{'loop':<34} {'s/step':>8} {'× bare':>8} {'RSS GB':>8} {'USS GB':>8}")
@@ -144,7 +154,9 @@ def main() -> int:
                   "steps": args.steps, "warmup": args.warmup, "micro_batch": args.micro_batch,
                   "s_per_step": {k: r["s_per_step"] for k, r in results.items()},
                   "ratio_to_bare": {k: r["s_per_step"] / bare for k, r in results.items()},
-                  "host_memory_gb": {k: {"rss": r["rss_gb"], "uss": r["uss_gb"]} for k, r in results.items()}}
+                  "host_memory_gb": {k: {"rss": r["rss_gb"], "uss": r["uss_gb"]} for k, r in results.items()},
+                  "load_avg_1m_after": {k: r["load_avg_1m"] for k, r in results.items() if "load_avg_1m" in r},
+                  "command": " ".join(["python", *sys.argv])}
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     return 0
 

@@ -211,6 +211,7 @@ def iter_train_batches(
     prefetch_batches: int = 1,
     collate_fn: Phi3VCollate | None = None,
     length_window: int = 0,
+    collate_ahead: int = 0,
 ) -> Iterator[dict]:
     """Collated CPU torch batches of one epoch from a Dataset or a worker's shard (DataIterator).
 
@@ -220,8 +221,22 @@ def iter_train_batches(
     shuffle_buffer None or 0 keeps file order. length_window > 0 (with micro_batch > 1) groups rows of
     similar length into the same micro-batch within windows of that many rows
     (`phi3v_ray.grouping`); the epoch keeps its number of batches.
+
+    collate_ahead > 0 fetches and collates in a background thread, up to that many batches ahead
+    of the consumer (the training loop), as a DataLoader worker would: the step's torch kernels
+    release the GIL, so taking blocks from the object store, shuffling and collating overlap the
+    step instead of adding to it. Same batches, same order; an error in the feed is raised to the
+    consumer at the batch where it happened.
     """
-    collate_fn = collate_fn or Phi3VCollate()
+    batches = _collated_batches(data, micro_batch, epoch, seed, shuffle_buffer, skip_batches, drop_last,
+                                prefetch_batches, collate_fn or Phi3VCollate(), length_window)
+    if collate_ahead > 0:
+        batches = ahead(batches, collate_ahead, name="phi3v-collate")
+    yield from batches
+
+
+def _collated_batches(data, micro_batch, epoch, seed, shuffle_buffer, skip_batches, drop_last, prefetch_batches,
+                      collate_fn, length_window) -> Iterator[dict]:
     batches = data.iter_batches(
         batch_size=micro_batch,
         batch_format="numpy",
@@ -242,3 +257,56 @@ def iter_train_batches(
         if i < skip_batches:
             continue
         yield collate_fn(batch)
+
+
+_END = object()
+
+
+def ahead(items: Iterator, depth: int, name: str = "ahead") -> Iterator:
+    """`items`, produced by a daemon thread up to `depth` items before they are asked for.
+
+    The consumer gets the same items in the same order, and the producer's exception at the item
+    where it was raised. Closing the generator early (a run that ends mid-epoch) tells the thread
+    to stop at its next hand-over; it never blocks the consumer's exit.
+    """
+    import queue
+    import threading
+
+    handoff: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    break
+            else:
+                put((_END, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            put((None, err))
+        finally:
+            if hasattr(items, "close"):
+                items.close()  # a stopped epoch releases its Ray Data iterator here, in the thread that ran it
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = handoff.get()
+            if err is not None:
+                raise err
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+

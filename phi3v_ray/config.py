@@ -126,6 +126,8 @@ class DataConfig:
     cache_data: bool = _f(False, "preprocess train and val once and keep their rows in Ray's object store for "
                                  "every epoch and evaluation (small datasets: no re-decoding and no refill wait at "
                                  "each epoch's start; needs the rows' size in object store memory)")
+    collate_ahead: int = _f(2, "micro-batches each training worker fetches and collates ahead in a background "
+                               "thread, overlapping the step (0 = in the training loop)", ge=0)
 
     def actor_pool(self, num_workers: int = 1, split: str = "train") -> tuple[int, int]:
         """(min, max) preprocessing actors of one split's dataset fed to num_workers training workers.

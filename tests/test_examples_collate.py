@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from phi3v_ray.collate import batch_stats, collate
+from phi3v_ray.collate import ahead, batch_stats, collate
 from phi3v_ray.constants import IGNORE_INDEX
 from phi3v_ray.examples import SequenceTooLong, build_example, build_generation_prompt, chat_prompt
 from phi3v_ray.processor import Phi3VImageProcessor, Phi3VProcessor, tokens_per_image
@@ -521,3 +521,39 @@ def test_the_pipeline_bench_reports_under_2_percent_padding_on_docvqa_shaped_len
     assert rows["stream order, padded"]["padded_tokens_pct"] > 5
     assert rows["grouped in 64 rows, padded"]["padded_tokens_pct"] < 2
     assert rows["packed, one row"]["padded_tokens_pct"] == 0
+
+
+def test_ahead_keeps_order_raises_where_the_feed_failed_and_stops_when_closed():
+    import threading
+    import time
+
+    assert list(ahead(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield from range(3)
+        raise ValueError("record 3 is bad")
+
+    got = []
+    with pytest.raises(ValueError, match="record 3 is bad"):
+        for x in ahead(failing(), depth=2):
+            got.append(x)
+    assert got == [0, 1, 2]  # every batch before the bad one reached the consumer
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    it = ahead(endless(), depth=2, name="test-ahead")
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    it.close()  # a run that ends mid-epoch
+    deadline = time.monotonic() + 5
+    while any(t.name == "test-ahead" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "test-ahead" for t in threading.enumerate())
+    assert len(produced) <= 5 + 2 + 1  # at most `depth` (+ the one in hand) beyond what was consumed
+

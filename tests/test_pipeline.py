@@ -201,6 +201,10 @@ def test_shuffle_is_seeded_and_resume_skips_batches(nine_records):
     other = epoch_ids(nine_records["materialized"], 1)
     assert [len(b) for b in first] == [2, 2, 2, 2, 1]
     assert resumed == first[2:]
+    # Collated ahead in a background thread (what training does): the same batches in the same order.
+    ahead = iter_train_batches(nine_records["ds"], micro_batch=2, epoch=0, seed=7, shuffle_buffer=4, skip_batches=2,
+                               collate_fn=Phi3VCollate(return_ids=True), collate_ahead=2)
+    assert [b["ids"] for b in ahead] == first[2:]
     assert sorted(sum(other, [])) == sorted(sum(first, [])) and other != first
     assert sum(first, []) != [r["id"] for r in nine_records["records"]]  # actually shuffled
 
