@@ -9,6 +9,10 @@
 # real step (bench/step.py: load_model + the engine, ZeRO-2 for full/frozen_vision when deepspeed is
 # installed, the single-GPU engine otherwise) in its own process, so an out-of-memory row cannot sink
 # the others. Extra arguments for every row: STEP_ARGS="--micro-batch 2".
+#
+# Fused kernels: the rows run with --fused-kernels auto (liger-kernel's RMSNorm, SwiGLU, rope and CLIP
+# LayerNorm when it is installed: pip install -e '.[gpu]'); full and LoRA also run as a before/after pair,
+# --fused-kernels none then liger, when liger-kernel is installed.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/results/step_suite_$(date +%Y%m%d_%H%M%S).jsonl}
@@ -21,9 +25,21 @@ run() { timeout "${ROW_TIMEOUT:-420}" "$PY" bench/step.py --config "$CONFIG" --w
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 "$PY" -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>/dev/null || echo "deepspeed: not installed (single-GPU engine)"
+LIGER=$("$PY" -c "import liger_kernel, triton; from importlib.metadata import version; print(version('liger-kernel'), 'triton', triton.__version__)" 2>/dev/null)
+echo "liger-kernel: ${LIGER:-not installed (pip install -e '.[gpu]'): the fused before/after rows are skipped}"
 run --mode full --activation-checkpointing all          # the old default, for comparison
-run --mode full
+if [ -n "$LIGER" ]; then
+  run --mode full --fused-kernels none                  # before/after: transformers' modules, then liger's kernels
+  run --mode full --fused-kernels liger
+else
+  run --mode full
+fi
 run --mode frozen_vision
-run --mode lora
+if [ -n "$LIGER" ]; then
+  run --mode lora --fused-kernels none
+  run --mode lora --fused-kernels liger
+else
+  run --mode lora
+fi
 if "$PY" -c "import bitsandbytes" 2>/dev/null; then run --mode qlora; else echo "qlora: bitsandbytes not installed, skipped"; fi
 "$PY" bench/step.py --table "$OUT"

@@ -1,7 +1,7 @@
 """Training-step benchmark: the real training step, timed, with model and hardware FLOP utilisation.
 
-What runs is what `train.py` runs: `load_model` (mode, dtypes, QLoRA's 4-bit base, the activation-
-checkpointing plan) and `build_engine` + `train_step` from engine.py, with the engine's autocast.
+What runs is what `train.py` runs: `load_model` (mode, dtypes, QLoRA's 4-bit base, the fused kernels, the
+activation-checkpointing plan) and `build_engine` + `train_step` from engine.py, with the engine's autocast.
 DeepSpeed ZeRO-2 where the config resolves to it (full, frozen_vision) and `deepspeed` is importable
 (a one-process gloo/nccl group is started for it); otherwise the single-GPU DDPEngine path, so it also
 runs on a bare GPU box with torch + transformers + peft. No Ray.
@@ -33,6 +33,7 @@ A frozen tower that does not back-propagate costs its forward only; checkpointin
 
     python bench/step.py --config runs/tiny --mode full --micro-batch 2 --steps 3          # CPU, tiny
     python bench/step.py --device cuda --precision bf16 --mode lora --micro-batch 4       # GPU, official
+    python bench/step.py --device cuda --precision bf16 --mode lora --fused-kernels none  # without liger's kernels
     bash bench/gpu_step_suite.sh                                 # the table: full/frozen_vision/LoRA/QLoRA
 """
 
@@ -53,6 +54,7 @@ from phi3v_ray.config import Mode, TrainConfig  # noqa: E402
 from phi3v_ray.constants import BOS_ID, CROP_SIZE, IGNORE_INDEX  # noqa: E402
 from phi3v_ray.engine import build_engine, train_step  # noqa: E402
 from phi3v_ray.hardware import detect_gpu, resolve_hardware  # noqa: E402
+from phi3v_ray.kernels import KERNELS, fused_ops, resolve_kernels  # noqa: E402
 from phi3v_ray.memory import CLIP_TOKENS, Dims  # noqa: E402
 from phi3v_ray.model import Phi3VConfig  # noqa: E402
 from phi3v_ray.model.configuration import official_config_path  # noqa: E402
@@ -170,8 +172,8 @@ def _random_checkpoint(config_path: Path, weights_dir: Path, device: torch.devic
 
 def _engine_config(args, tokens_per_sample: int) -> tuple[TrainConfig, str]:
     cfg = TrainConfig.from_dict(dict(
-        mode=args.mode, precision=args.precision, attention=args.attention, micro_batch=args.micro_batch,
-        grad_accum=1, num_workers=1, zero_stage=args.zero_stage, lora_rank=args.lora_rank,
+        mode=args.mode, precision=args.precision, attention=args.attention, fused_kernels=args.fused_kernels,
+        micro_batch=args.micro_batch, grad_accum=1, num_workers=1, zero_stage=args.zero_stage, lora_rank=args.lora_rank,
         lora_alpha=2.0 * args.lora_rank, lora_vision=args.lora_vision, lr=1e-5, warmup_steps=0,
         gradient_checkpointing=args.activation_checkpointing != "none",
         activation_checkpointing=args.activation_checkpointing, checkpoint_every_n=args.checkpoint_every_n,
@@ -205,6 +207,7 @@ def run(args) -> dict:
     device = torch.device(args.device)
     gpu = detect_gpu(device.index or 0) if device.type == "cuda" else None
     hw = resolve_hardware(gpu, args.precision, args.attention)
+    kernels = resolve_kernels(args.fused_kernels, device)
     config_path = Path(args.config)
     batch, crops, n_img = synthetic_batch(args.micro_batch, args.num_crops, args.page, args.text_tokens,
                                           args.answer_tokens)
@@ -219,7 +222,7 @@ def run(args) -> dict:
         _process_group(device)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = load_model(cfg, hw, device, str(checkpoint))
+    model = load_model(cfg, hw, device, str(checkpoint), kernels=kernels)
     model.train()
     engine = build_engine(cfg, model, total_steps=args.warmup + args.steps + 1, precision=hw.precision,
                           device=device, world_size=1)
@@ -256,6 +259,7 @@ def run(args) -> dict:
         "engine": engine.kind + (f" ({note})" if note else ""),
         "precision": hw.precision,
         "attention": hw.attention,
+        "fused_kernels": kernels.line(fused_ops(model)).removeprefix("fused kernels: "),
         "activation_checkpointing": f"{args.activation_checkpointing}: {lm_ckpt}/{len(lm_layers)} LM, "
                                     f"{clip_ckpt}/{len(clip_layers)} CLIP",
         "micro_batch": args.micro_batch,
@@ -278,7 +282,8 @@ def run(args) -> dict:
     }
 
 
-TABLE = (("mode", "mode"), ("engine", "engine"), ("activation_checkpointing", "act. ckpt"), ("micro_batch", "micro"),
+TABLE = (("mode", "mode"), ("engine", "engine"), ("fused_kernels", "fused kernels"),
+         ("activation_checkpointing", "act. ckpt"), ("micro_batch", "micro"),
          ("step_s", "step s"), ("images_per_s", "img/s"), ("tokens_per_s", "tokens/s"), ("peak_mem_gb", "peak GiB"),
          ("mfu", "MFU"), ("hfu", "HFU"))
 
@@ -305,6 +310,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--fused-kernels", default="auto", choices=KERNELS,
+                   help="liger-kernel's fused RMSNorm, SwiGLU, rope and CLIP LayerNorm (auto: on CUDA when installed)")
     p.add_argument("--zero-stage", type=int, default=-1, choices=[-1, 0, 2],
                    help="-1: as training resolves it (ZeRO-2 for full/frozen_vision when deepspeed is installed)")
     p.add_argument("--activation-checkpointing", default="auto", choices=["auto", "all", "lm", "every_n", "none"])

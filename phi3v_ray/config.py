@@ -44,6 +44,7 @@ AUTO_ACTORS_PER_WORKER = 2
 OnBadRecord = Literal["fail", "skip"]
 Packing = Literal["auto", "always", "never"]  # not on/off: YAML reads those as booleans
 Checkpointing = Literal["auto", "all", "lm", "every_n", "none"]
+FusedKernels = Literal["auto", "liger", "none"]
 
 
 class Mode(str, enum.Enum):
@@ -186,6 +187,10 @@ class TrainConfig:
                                 "4-bit base")
     precision: Precision = _f("auto", "compute precision (auto picks from the GPU the worker gets)")
     attention: Attention = _f("auto", "attention implementation (auto picks from the GPU and what is installed)")
+    fused_kernels: FusedKernels = _f(
+        "auto", "fused Triton kernels for RMSNorm, the SwiGLU MLP, rotary embedding and CLIP's LayerNorm "
+                "(phi3v_ray/kernels.py): liger (liger-kernel, CUDA only; pip install -e '.[gpu]'), none, or auto "
+                "(liger on CUDA workers where it is installed, else none); weights and checkpoints are the same")
     gradient_checkpointing: bool = _f(True, "activation checkpointing on (which layers: activation_checkpointing); "
                                             "false = none")
     activation_checkpointing: Checkpointing = _f(
@@ -373,6 +378,10 @@ class TrainConfig:
                                         "QLoRA's 4-bit base cannot be sharded by ZeRO-2 here; use zero_stage=0"))
             if self.precision == "fp32" and self.use_gpu:
                 problems.append(Problem("precision", self.precision, "QLoRA computes in bf16 or fp16 on GPUs"))
+        if self.fused_kernels == "liger" and not self.use_gpu:
+            problems.append(Problem("fused_kernels", self.fused_kernels,
+                                    "liger's kernels run on CUDA GPUs only; set use_gpu=true, or use fused_kernels=auto "
+                                    "(liger where a worker has CUDA and liger-kernel) or none"))
         return problems
 
     def path_problems(self) -> list[Problem]:
@@ -554,6 +563,8 @@ ALIASES = {
     "image_folder": "images_root", "image_dir": "images_root", "images_dir": "images_root",
     "bf16": "precision", "fp16": "precision", "deepspeed": "zero_stage", "use_lora": "mode", "use_qlora": "mode",
     "freeze_vision": "mode", "flash_attn": "attention", "attn_implementation": "attention",
+    "use_liger_kernel": "fused_kernels", "use_liger": "fused_kernels", "liger": "fused_kernels",
+    "liger_kernel": "fused_kernels", "kernels": "fused_kernels",
     "weight_decay_rate": "weight_decay", "seed_value": "seed", "max_new_token": "max_new_tokens",
 }
 

@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,9 @@ from .packing import use_packing
 from .storage import StorageAccessDenied
 from .tracking import MetricLogger, say
 from .weights import local_checkpoint
+
+if TYPE_CHECKING:
+    from .kernels import KernelChoice  # kernels.py imports transformers: workers only, when they load the model
 
 
 @dataclass
@@ -60,11 +64,15 @@ class Worker:
     world_size: int
     device: torch.device
     hw: HardwareChoice
+    kernels: KernelChoice | None = None  # fused kernels (kernels.py); None: transformers' modules
 
 
 # ----------------------------------------------------------------------------- build
-def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, checkpoint_dir: str, training: bool = True):
-    """Load the checkpoint and apply the training mode (QLoRA quantizes the base while loading)."""
+def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, checkpoint_dir: str, training: bool = True,
+               kernels: KernelChoice | None = None):
+    """Load the checkpoint, swap in the fused kernels and apply the training mode (QLoRA quantizes the base
+    while loading). The kernels go in before PEFT wraps the model and change no parameter or name; without
+    `kernels` (prediction, tests) the model keeps transformers' modules and nothing is said."""
     from .model import Phi3VForCausalLM
 
     checkpoint_dir = local_checkpoint(checkpoint_dir)  # s3://… → downloaded once per node, verified, cached
@@ -87,6 +95,12 @@ def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, check
     model = Phi3VForCausalLM.from_pretrained(checkpoint_dir, local_files_only=True, **kwargs)
     if mode is Mode.QLORA:
         keep_plain_4bit_layout(model)  # CPU generation would repack the 4-bit weights, see there
+    if kernels is not None:
+        from .kernels import apply_fused_kernels
+
+        fused = apply_fused_kernels(model, kernels)
+        if _rank() == 0:
+            say(kernels.line(fused))
     model = apply_mode(
         model, mode, LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_vision), cfg.freeze_text_embedding
     )
@@ -98,20 +112,30 @@ def load_model(cfg: TrainConfig, hw: HardwareChoice, device: torch.device, check
         plan = plan_for_config(cfg, model.config, hw.precision, gpu.memory_gb if gpu else None, world)
         if plan.lm or plan.clip:
             enable_gradient_checkpointing(model, plan.lm, plan.clip)
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        if _rank() == 0:
             say(str(plan))
     model.train(training)  # from_pretrained returns eval mode: dropout (LoRA's too) would stay off in training
     return model.to(device) if mode is not Mode.QLORA else model
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _worker_from_ray(cfg: TrainConfig) -> Worker:
     import ray.train
     import ray.train.torch
 
+    from .kernels import resolve_kernels
+
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     hw = resolve_hardware(detect_gpu() if device.type == "cuda" else None, cfg.precision, cfg.attention)
-    return Worker(ctx.get_world_rank(), ctx.get_world_size(), device, hw)
+    try:
+        kernels = resolve_kernels(cfg.fused_kernels, device)
+    except ValueError as err:  # fused_kernels=liger without CUDA or the package: every retry would fail the same way
+        raise DeterministicFailure(str(err)) from None
+    return Worker(ctx.get_world_rank(), ctx.get_world_size(), device, hw, kernels)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -246,7 +270,7 @@ def evaluate_checkpoint(cfg: TrainConfig, plan: Plan, worker: Worker) -> dict:
     from .storage import checkpoint_at
 
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg, worker.hw, worker.device, plan.checkpoint_dir, training=False)
+    model = load_model(cfg, worker.hw, worker.device, plan.checkpoint_dir, training=False, kernels=worker.kernels)
     step = 0
     if cfg.trained_checkpoint:
         with checkpoint_at(cfg.trained_checkpoint).as_directory() as directory:
@@ -295,7 +319,7 @@ class Recipe:
 
         cfg, w = self.cfg, self.worker
         torch.manual_seed(cfg.seed)
-        model = load_model(cfg, w.hw, w.device, self.plan.checkpoint_dir)
+        model = load_model(cfg, w.hw, w.device, self.plan.checkpoint_dir, kernels=w.kernels)
         self.engine = build_engine(cfg, model, self.plan.total_steps, w.hw.precision, w.device, w.world_size)
         self.train_shard = ray.train.get_dataset_shard("train")
         packed = use_packing(cfg.packing, w.hw.attention)

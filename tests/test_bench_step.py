@@ -72,6 +72,7 @@ def test_bench_runs_the_training_step_on_the_tiny_model(tiny_ckpt, tmp_path):
                          "--num-crops", "1", "--page", "336", "336", "--warmup", "0", "--steps", "1",
                          "--lora-rank", "4", "--activation-checkpointing", "lm", "--out", str(out)])
     assert result["engine"] == "ddp" and result["activation_checkpointing"].startswith("lm: 2/2 LM, 0/2 CLIP")
+    assert result["fused_kernels"] == "none (no CUDA)"  # --fused-kernels auto, on a CPU
     assert result["hardware_tflops_per_step"] >= result["model_tflops_per_step"] > 0
     assert result["final_loss"] > 0 and json.loads(out.read_text())["mode"] == "lora"
     table = bench.table([result])
