@@ -52,7 +52,8 @@ def _metrics(cfg: TrainConfig) -> dict[int, dict]:
     return {m["step"]: m for m in map(json.loads, lines) if "loss" in m}
 
 
-@pytest.mark.parametrize("mode", ["full", "frozen_vision", "lora", "qlora"])
+# LoRA trains in test_a_lora_run_reports_on_a_cadence_evaluates_and_exports, which makes the same checks.
+@pytest.mark.parametrize("mode", ["full", "frozen_vision", "qlora"])
 def test_each_mode_trains_three_steps_with_two_workers(ray_local, tmp_path, demo_data, tiny_ckpt, mode):
     # QLoRA also evaluates: generation on its 4-bit base inside the workers (CPU QLoRA generation once crashed)
     evaluation = dict(val_file=str(demo_data / "val.jsonl"), eval_max_samples=4, max_new_tokens=2) if mode == "qlora" else {}
@@ -61,13 +62,18 @@ def test_each_mode_trains_three_steps_with_two_workers(ray_local, tmp_path, demo
     if evaluation:
         after = json.loads((Path(cfg.storage_path) / cfg.name / "artifacts" / "eval" / "after.json").read_text())
         assert after["scores"]["val/n"] == 4 and all(isinstance(p["raw"], str) for p in after["predictions"])
+    _assert_trained(cfg, result, mode, steps=3)
+
+
+def _assert_trained(cfg: TrainConfig, result, mode: str, steps: int) -> None:
+    """Every step logged with a finite loss and gradient norm; the final checkpoint holds what the mode trains."""
     metrics = _metrics(cfg)
-    assert sorted(metrics) == [1, 2, 3]
+    assert sorted(metrics) == list(range(1, steps + 1))
     assert all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics.values())
     assert all(math.isfinite(m["grad_norm"]) for m in metrics.values())
     final = Path(result.checkpoint.path)
     state = json.loads((final / "train_state.json").read_text())
-    assert state["state"]["step"] == 3
+    assert state["state"]["step"] == steps
     if mode in ("lora", "qlora"):
         assert (final / "adapter" / "adapter_model.safetensors").is_file()
         assert not (final / "model").exists()
@@ -87,29 +93,6 @@ class ReportedSteps(ray.train.UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         with open(self.path, "a") as f:
             f.write(f"{metrics[0]['step']}\n")
-
-
-def test_reports_come_on_a_cadence_while_every_step_is_logged(ray_local, tmp_path, demo_data, tiny_ckpt):
-    """A fast loop must not report every step (each report can block ~2 s in Ray Train V2): with a long
-    report_every_s only the checkpoints report, while metrics.jsonl still has every step."""
-    import sys
-
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the controller cannot import this test module
-    reports = tmp_path / "reports.txt"
-    cfg = _cfg(tmp_path, demo_data, tiny_ckpt, max_steps=8, checkpoint_every=4, log_every=1, report_every_s=3600)
-    result = run_training(cfg, callbacks=[ReportedSteps(reports)], start_ray=False)
-    assert [int(x) for x in reports.read_text().split()] == [4, 8]
-    assert _logged_steps(cfg) == list(range(1, 9))
-    assert result.metrics["step"] == 8 and "loss" in result.metrics
-
-    # Started again after its final checkpoint (as when a sweep's driver died just after it): nothing to
-    # train, and the final result is reported once more, so Ray Train and Tune end with step 8, not older.
-    again = run_training(cfg, callbacks=[ReportedSteps(reports)], start_ray=False)
-    assert [int(x) for x in reports.read_text().split()] == [4, 8, 8]
-    assert again.metrics["step"] == 8 and again.metrics["loss"] == result.metrics["loss"]
-    assert _logged_steps(cfg) == list(range(1, 9))
 
 
 # LoRA with dropout: the adapters' dropout masks come from the RNG, so a resume that lost the RNG state,
@@ -177,8 +160,20 @@ def test_killed_worker_recovers_from_its_last_checkpoint(ray_local, tmp_path, de
     _assert_resumed_not_restarted(result, cfg, straight_run, interrupted_after=2)
 
 
-def test_eval_and_export_of_a_lora_run(ray_local, tmp_path, demo_data, tiny_ckpt):
+def test_a_lora_run_reports_on_a_cadence_evaluates_and_exports(ray_local, tmp_path, demo_data, tiny_ckpt):
+    """One LoRA run, three concerns (each run costs a minute of Ray start-up on a 2-core machine):
+
+    - cadence: a fast loop must not report every step (each report can block ~2 s in Ray Train V2):
+      with a long report_every_s only the evaluations and checkpoints report, while metrics.jsonl still
+      has every step; started again after its final checkpoint, nothing trains and the final result is
+      reported once more;
+    - evaluation before and after, with per-record predictions, the loss curve and TensorBoard;
+    - export: the merged model generates what the adapter on its base generates.
+    """
+    import sys
+
     from peft import PeftModel
+    from ray import cloudpickle
 
     from phi3v_ray.evaluate import generate_answers
     from phi3v_ray.examples import build_generation_prompt
@@ -186,9 +181,24 @@ def test_eval_and_export_of_a_lora_run(ray_local, tmp_path, demo_data, tiny_ckpt
     from phi3v_ray.model import Phi3VForCausalLM
     from phi3v_ray.processor import Phi3VProcessor
 
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the controller cannot import this test module
+    reports = tmp_path / "reports.txt"
     cfg = _cfg(tmp_path, demo_data, tiny_ckpt, val_file=str(demo_data / "val.jsonl"), eval_before=True,
-               max_new_tokens=4, eval_batch=4, lr=5e-3)
-    result = run_training(cfg, start_ray=False)
+               max_new_tokens=4, eval_batch=4, lr=5e-3, max_steps=8, checkpoint_every=4, log_every=1,
+               report_every_s=3600)
+    result = run_training(cfg, callbacks=[ReportedSteps(reports)], start_ray=False)
+    assert [int(x) for x in reports.read_text().split()] == [0, 4, 8]  # evaluation before, then the checkpoints
+    assert _logged_steps(cfg) == list(range(1, 9))
+    assert result.metrics["step"] == 8 and "loss" in result.metrics
+    _assert_trained(cfg, result, "lora", steps=8)
+
+    # Started again after its final checkpoint (as when a sweep's driver died just after it): nothing to
+    # train, and the final result is reported once more, so Ray Train and Tune end with step 8, not older.
+    again = run_training(cfg, callbacks=[ReportedSteps(reports)], start_ray=False)
+    assert [int(x) for x in reports.read_text().split()] == [0, 4, 8, 8]
+    assert again.metrics["step"] == 8 and again.metrics["loss"] == result.metrics["loss"]
+    assert _logged_steps(cfg) == list(range(1, 9))
+
     artifacts = Path(cfg.storage_path) / cfg.name / "artifacts"
     for tag in ("before", "after"):
         report = json.loads((artifacts / "eval" / f"{tag}.json").read_text())
@@ -215,20 +225,3 @@ def test_eval_and_export_of_a_lora_run(ray_local, tmp_path, demo_data, tiny_ckpt
     a, _ = generate_answers(in_memory, processor, rows, 6, torch.device("cpu"))
     b, _ = generate_answers(exported, processor, rows, 6, torch.device("cpu"))
     assert a == b
-
-
-def test_cli_eval_scores_a_checkpoint_on_the_val_file(ray_local, tmp_path, demo_data, tiny_ckpt):
-    from phi3v_ray.cli import main
-
-    args = ["eval", f"checkpoint={tiny_ckpt}", f"val_file={demo_data / 'val.jsonl'}",
-            f"images_root={demo_data / 'images'}", f"storage_path={tmp_path / 'runs'}", "name=ev",
-            "num_workers=2", "num_crops=1", "precision=fp32", "attention=sdpa", "max_new_tokens=2", "eval_batch=4",
-            "mode=full", "zero_stage=0"]
-    assert main(args) == 0
-    report = json.loads((tmp_path / "runs" / "ev" / "artifacts" / "eval" / "eval.json").read_text())
-    assert report["scores"]["val/n"] == 8
-    tasks = {p["task"] for p in report["predictions"]}
-    assert tasks == {"colour", "same_colour", "motion", "digit"}  # per-task scores need the task on every row
-    assert any(k.startswith("val/colour/") for k in report["scores"])
-    missing = ["eval", f"checkpoint={tiny_ckpt}", f"val_file={tmp_path / 'nonexistent.jsonl'}", f"storage_path={tmp_path}"]
-    assert main(missing) == 2  # config problems exit 2 before any worker starts
