@@ -230,8 +230,10 @@ class TrainConfig:
     length_window: int = _f(64, "examples group_by_length sorts together (rounded up to whole micro-batches; they wait "
                                 "in host memory)", ge=1)
     packing: Packing = _f("auto", "lay a micro-batch's examples end to end in one row, no padding (positions restart "
-                                  "per example, attention and labels never cross examples): always, never, or auto (with "
-                                  "flash_attention_2, whose varlen kernel needs no mask; sdpa would need a dense one)")
+                                  "per example, attention and labels never cross examples): always, never, or auto (under "
+                                  "flash_attention_2's varlen kernel, and under sdpa, whose causal kernel then runs once "
+                                  "per example: Σ lengthᵢ² attention instead of padding to the longest; not under eager, "
+                                  "which would need a dense mask)")
     pack_tokens: int = _f(0, "packing: most tokens in one packed row (0 = a whole micro-batch in one row); at least "
                              "max_length", ge=0)
     # --- cluster ---

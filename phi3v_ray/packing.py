@@ -13,7 +13,8 @@ normalisation (`engine.supervised_tokens`), are those of the unpacked micro-batc
 micro-batch's token-loss sum equals the padded one's.
 
 Attention never crosses samples either (`model/packed.py`): flash-attn's varlen kernel reads
-cu_seqlens; SDPA and eager get a block-diagonal causal mask. Images: sample j's placeholders −k become
+cu_seqlens; a training run under sdpa runs SDPA's causal kernel once per sample (`segment_sdpa`);
+plain SDPA and eager get a block-diagonal causal mask. Images: sample j's placeholders −k become
 −(k + images of the samples before it in the row), so the row numbers its images 1..n in the order
 their pixels are concatenated, which is the order the model fills them in.
 
@@ -37,9 +38,12 @@ from .constants import ENDOFTEXT_ID, IGNORE_INDEX
 
 
 def use_packing(packing: str, attention: str) -> bool:
-    """The `packing` setting on a worker whose LM attention is `attention` (auto: only with flash-attn)."""
+    """The `packing` setting on a worker whose LM attention is `attention`.
+
+    auto packs where attention runs per example without a mask: flash-attn's varlen kernel, and sdpa
+    (a training run switches it to `model.packed.segment_sdpa`); eager would need the dense mask."""
     if packing == "auto":
-        return attention == "flash_attention_2"
+        return attention in ("flash_attention_2", "sdpa")
     return packing == "always"
 
 

@@ -192,7 +192,7 @@ def pixel_values_from_crops(
     device = pixel_crops.device
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=device).reshape(3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=torch.float32, device=device).reshape(3, 1, 1)
-    x = (pixel_crops.to(torch.float32) / 255.0 - mean) / std  # (Σ h·w, 3, 336, 336)
+    x = pixel_crops.to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std)  # (Σ h·w, 3, 336, 336), one buffer
     out = torch.zeros((len(counts), slots, 3, CROP_SIZE, CROP_SIZE), dtype=torch.float32, device=device)
     start = 0
     for i, ((height, width), n) in enumerate(zip(sizes, counts)):

@@ -21,7 +21,7 @@ from pathlib import Path
 from .storage import append_text, is_remote
 
 
-CONSOLE_HIDDEN = ("wall_time", "host_rss_gb", "host_uss_gb")  # in metrics.jsonl, not on the progress line
+CONSOLE_HIDDEN = ("wall_time", "host_rss_gb", "host_uss_gb", "host_shm_gb")  # in metrics.jsonl, not on the progress line
 _console = None  # the driver's console queue (console.Console), when the driver is quiet
 
 

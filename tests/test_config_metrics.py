@@ -206,8 +206,8 @@ def test_batch_layout_settings_resolve_and_validate():
     assert TrainConfig(micro_batch=4, group_by_length=True).length_grouping_window == 64
     assert TrainConfig(micro_batch=1, group_by_length=True).length_grouping_window == 0
     assert load_config(None, ["packing=never", "group_by_length=false"]).packing == "never"
-    assert [use_packing(p, a) for p in ("auto", "always", "never") for a in ("flash_attention_2", "sdpa")] == \
-        [True, False, True, True, False, False]  # auto packs only where the varlen kernel needs no mask
+    assert [use_packing(p, a) for p in ("auto", "always", "never") for a in ("flash_attention_2", "sdpa", "eager")] == \
+        [True, True, False, True, True, True, False, False, False]  # auto packs where attention needs no mask
     with pytest.raises(ConfigError) as err:
         TrainConfig.from_flat(pack_tokens=4096, max_length=8192, length_window=0, train_file="x").validate()
     problems = {p.field: p for p in err.value.problems}

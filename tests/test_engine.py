@@ -221,6 +221,7 @@ def test_a_step_on_packed_micro_batches_equals_the_step_on_padded_ones(tiny_ckpt
     parameter by parameter. (Not the weights after AdamW: its m/√v turns last-bit differences in
     near-zero gradients, e.g. CLIP's key biases, whose exact gradient is 0, into lr-sized ones.)"""
     from phi3v_ray.engine import _to_device
+    from phi3v_ray.model.packed import SEGMENT_SDPA
     from phi3v_ray.packing import pack
     from phi3v_ray.train import load_model
 
@@ -229,12 +230,14 @@ def test_a_step_on_packed_micro_batches_equals_the_step_on_padded_ones(tiny_ckpt
     packed_steps = [[pack(samples[2 * s:2 * s + 2])] for s in range(STEPS)]
     assert [supervised_tokens(p[0]) for p in packed_steps] == [supervised_tokens(p[0]) for p in padded_steps]
     padded = _run(cfg, tiny_ckpt, padded_steps)
-    packed = _run(cfg, tiny_ckpt, packed_steps)
-    assert packed["losses"] == pytest.approx(padded["losses"], **FP32_TOL)
-    assert packed["grad_norms"] == pytest.approx(padded["grad_norms"], rel=1e-5)
-    assert packed["losses"] == pytest.approx(PINNED_LOSSES["full"], abs=2e-4)
+    segments_cfg = _cfg(mode="full", micro_batch=2, packing="always")  # load_model: SDPA once per sample
+    for packed in (_run(cfg, tiny_ckpt, packed_steps), _run(segments_cfg, tiny_ckpt, packed_steps)):  # dense mask, segments
+        assert packed["losses"] == pytest.approx(padded["losses"], **FP32_TOL)
+        assert packed["grad_norms"] == pytest.approx(padded["grad_norms"], rel=1e-5)
+        assert packed["losses"] == pytest.approx(PINNED_LOSSES["full"], abs=2e-4)
 
-    model = load_model(cfg, resolve_hardware(None, "fp32", "sdpa"), torch.device("cpu"), str(tiny_ckpt))
+    model = load_model(segments_cfg, resolve_hardware(None, "fp32", "sdpa"), torch.device("cpu"), str(tiny_ckpt))
+    assert model.config._attn_implementation == SEGMENT_SDPA
     grads = []
     for batch in (padded_steps[0][0], packed_steps[0][0]):
         model.zero_grad(set_to_none=True)

@@ -659,6 +659,45 @@ def test_packed_samples_give_each_samples_own_logits_and_loss(monkeypatch, atten
     torch.testing.assert_close(as_packed, as_padded, atol=1e-5, rtol=1e-5)
 
 
+def test_packed_rows_under_segment_sdpa_run_the_causal_kernel_once_per_sample(monkeypatch):
+    """The packed path of a training run without flash-attn: every sample of the row gets SDPA's causal
+    kernel on its own tokens (no mask, no padding computed), and its own logits and loss; unpacked calls
+    (generation, evaluation) stay transformers' sdpa."""
+    from phi3v_ray.collate import collate
+    from phi3v_ray.model.packed import SEGMENT_SDPA, use_segment_sdpa
+    from phi3v_ray.packing import assign_rows, pack
+
+    model = tiny_model(seed=3)
+    clip = model.model.vision_embed_tokens.img_processor.vision_model
+    assert use_segment_sdpa(model) and not use_segment_sdpa(model)  # once; the vision tower keeps plain sdpa
+    assert model.config._attn_implementation == SEGMENT_SDPA and clip.config._attn_implementation == "sdpa"
+    rows = _packing_rows()
+    packed = pack(rows)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        if query.shape[-2] != 577:  # not CLIP's crops
+            calls.append((tuple(query.shape), attn_mask is None, is_causal))
+        return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        model(**packed)
+    heads = model.config.num_attention_heads
+    dim = model.config.hidden_size // heads
+    per_layer = [((1, heads, len(r["input_ids"]), dim), True, True) for r in rows]
+    assert calls == per_layer * model.config.num_hidden_layers
+    _per_sample_check(model, packed, rows)
+    with torch.no_grad():  # the step's normalisation: the packed token-loss sum is the padded one's
+        as_packed = model(**packed, loss_only=True, num_items_in_batch=7.0).loss
+        as_padded = model(**collate(rows), loss_only=True, num_items_in_batch=7.0).loss
+    torch.testing.assert_close(as_packed, as_padded, atol=1e-5, rtol=1e-5)
+    lengths = [len(r["input_ids"]) for r in rows]  # rows under a token budget: padding is a segment too
+    budget = max(lengths) + min(lengths)
+    _per_sample_check(model, pack(rows, max_tokens=budget), [rows[i] for row in assign_rows(lengths, budget) for i in row])
+
+
 def test_packed_rows_under_a_token_budget_keep_samples_apart():
     from phi3v_ray.packing import assign_rows, pack
 
