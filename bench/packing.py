@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import sys
@@ -115,7 +116,7 @@ def main() -> None:
             "micro_batches": len(groups), "micro_batch": args.micro_batch, "eight_frame_records": long_ones,
             "seconds": seconds, "tokens_computed": computed, "real_tokens": real,
             "speedup_vs_padded": {k: seconds["padded"] / v for k, v in seconds.items()},
-            "torch": torch.__version__, "machine": platform.machine(), "cpus": __import__("os").cpu_count(),
+            "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d"),
         }, indent=1) + "\n")
 

@@ -13,6 +13,7 @@ evaluation and each checkpoint, decided from numbers all ranks share.
 from __future__ import annotations
 
 import json
+import functools
 import math
 import pickle
 import tempfile
@@ -589,20 +590,20 @@ def trim_host_heap() -> None:
     over 180 steps, ~25 MB a step). Trimming after an evaluation and every few seconds keeps it near
     what the loop holds.
     """
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_MALLOC_TRIM = None
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 def _rss_gb() -> float:

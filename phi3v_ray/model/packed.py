@@ -6,7 +6,7 @@ attention implementation decides how they are used:
 
     flash-attn (flash_attention_2, …)  cu_seq_lens_q/k + max_length_q/k: transformers calls
                                        flash_attn_varlen_func; no mask, no padding computed
-    phi3v_segment_sdpa (SEGMENT_SDPA)  the same boundaries; `segment_sdpa` runs SDPA's causal kernel
+    phi3v_segment_sdpa (SEGMENT_SDPA)  segment_bounds (cu_seqlens as ints); `segment_sdpa` runs SDPA's causal kernel
                                        once per segment: Σ lengthᵢ² work, no mask, no padding computed
     sdpa                               a block-diagonal causal bool mask (rows, 1, width, width)
     eager                              the same mask as an additive float mask
@@ -28,26 +28,25 @@ DENSE = ("sdpa", "eager")  # implementations that read a (rows, 1, width, width)
 SEGMENT_SDPA = "phi3v_segment_sdpa"
 
 
-def segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
-                 segment_bounds=None, **kwargs):
+def segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, segment_bounds=None, **kwargs):
     """transformers' attention interface: SDPA per packed segment, or transformers' sdpa when unpacked.
 
-    query (rows, heads, width, dim), key/value (rows, kv_heads, width, dim); cu_seq_lens_q holds the
-    segment boundaries over the flattened rows × width tokens (segment_bounds: the same as Python ints,
-    read once per forward instead of once per layer, which on a GPU would wait for the device each time).
+    query (rows, heads, width, dim), key/value (rows, kv_heads, width, dim); segment_bounds holds the
+    segment boundaries over the flattened rows × width tokens as Python ints (cu_seqlens, read once per
+    forward by `packed_attention` rather than once per layer, which on a GPU would wait for the device).
     Each segment gets SDPA's causal kernel on its own tokens, so a micro-batch costs Σ lengthᵢ² instead
     of width² and no mask is built. Returns (rows, width, heads, dim) as transformers' implementations do.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if cu_seq_lens_q is None:
+    if segment_bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     rows, heads, width, dim = query.shape
     groups = heads // key.shape[1]
     q, k, v = (x.transpose(1, 2).reshape(rows * width, x.shape[1], dim) for x in (query, key, value))
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    bounds = list(segment_bounds) if segment_bounds is not None else cu_seq_lens_q.tolist()
+    bounds = segment_bounds
     out = torch.cat([  # (1, heads, length, dim) per segment: the 4-D layout SDPA's fused kernels take
         F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)),
                                        dropout_p=dropout, is_causal=True, scale=scaling)[0].transpose(0, 1)
@@ -88,10 +87,9 @@ def packed_attention(implementation: str | None, cu_seqlens: torch.Tensor, max_s
     implementation = implementation or "eager"
     if implementation == SEGMENT_SDPA:
         # An all-ones mask: transformers then neither builds a dense mask nor infers packing from the
-        # restarting positions; the boundaries travel as flash-attn's varlen kwargs do.
+        # restarting positions; the boundaries travel to every layer's attention call as a kwarg.
         ones = torch.ones(shape, dtype=torch.bool, device=cu_seqlens.device)
-        cu = cu_seqlens.to(torch.int32)
-        return ones, {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "segment_bounds": tuple(cu_seqlens.tolist())}
+        return ones, {"segment_bounds": tuple(cu_seqlens.tolist())}
     if implementation == "flex_attention":
         raise ValueError("packed batches need flash-attn (varlen), sdpa or eager attention, not flex_attention")
     if implementation not in DENSE:  # flash-attn and kernels that follow its varlen interface
