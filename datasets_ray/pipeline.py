@@ -47,8 +47,8 @@ embedded, one row each. The driver pass reads only the id, row and record column
 the shards with read_parquet and the actors decode the embedded bytes (no per-image requests).
 
 Order is deterministic (`preserve_order`), so a restarted run sees the same rows in the same
-order: `phi3v_ray.collate.iter_train_batches` shuffles with a local buffer seeded by seed + epoch
-and skips the batches a resumed run has already trained on.
+order: `phi3v_ray.collate.iter_train_batches` shuffles with a buffer of rows seeded by (seed, epoch,
+rank) and skips the batches a resumed run has already trained on.
 
 CPU rule (STACK_NOTES): Ray Data gets only the CPUs that training workers leave. With
 `ray.init(num_cpus=2)` and two 1-CPU workers nothing is left and the first read waits forever.

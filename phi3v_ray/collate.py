@@ -6,7 +6,7 @@ The attention mask comes from sequence lengths, never from the pad id: the pad i
 `<|endoftext|>`, which sits inside every supervised answer (the recipe's collators hid it).
 Right padding for training, left padding for generation.
 
-    training worker: iter_train_batches(shard, ...) ──▶ [group_by_length] ──▶ Phi3VCollate
+    training worker: iter_train_batches(shard, ...) ──▶ shuffle_rows ──▶ [group_by_length] ──▶ Phi3VCollate
         ──▶ collate (right padding, pinned on CUDA) or pack (padding-free rows)
         ──▶ to_device (engine): non-blocking copies; uint8 crops → float pixel_values on the device;
             a right-padded training batch goes without its attention mask (causal attention suffices)
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .constants import ENDOFTEXT_ID, IGNORE_INDEX
+from .grouping import group_by_length, shuffle_rows
 from .processor import pixel_values_from_crops
 
 
@@ -212,11 +213,13 @@ def iter_train_batches(
     collate_fn: Phi3VCollate | None = None,
     length_window: int = 0,
     collate_ahead: int = 0,
+    rank: int = 0,
 ) -> Iterator[dict]:
     """Collated CPU torch batches of one epoch from a Dataset or a worker's shard (DataIterator).
 
-    The order depends only on (data, seed + epoch, shuffle_buffer, micro_batch, length_window): the
-    pipeline preserves order and the local shuffle buffer is seeded. skip_batches drops the first k
+    The order depends only on (data, seed, epoch, rank, shuffle_buffer, micro_batch, length_window): the
+    pipeline preserves order and the shuffle (`phi3v_ray.grouping.shuffle_rows`, a buffer of
+    shuffle_buffer rows) is seeded. skip_batches drops the first k
     batches without collating them, so a run resumed mid-epoch continues where it stopped.
     shuffle_buffer None or 0 keeps file order. length_window > 0 (with micro_batch > 1) groups rows of
     similar length into the same micro-batch within windows of that many rows
@@ -229,34 +232,47 @@ def iter_train_batches(
     consumer at the batch where it happened.
     """
     batches = _collated_batches(data, micro_batch, epoch, seed, shuffle_buffer, skip_batches, drop_last,
-                                prefetch_batches, collate_fn or Phi3VCollate(), length_window)
+                                prefetch_batches, collate_fn or Phi3VCollate(), length_window, rank)
     if collate_ahead > 0:
         batches = ahead(batches, collate_ahead, name="phi3v-collate")
     yield from batches
 
 
 def _collated_batches(data, micro_batch, epoch, seed, shuffle_buffer, skip_batches, drop_last, prefetch_batches,
-                      collate_fn, length_window) -> Iterator[dict]:
-    batches = data.iter_batches(
-        batch_size=micro_batch,
-        batch_format="numpy",
-        drop_last=drop_last,
-        prefetch_batches=prefetch_batches,
-        local_shuffle_buffer_size=shuffle_buffer or None,
-        local_shuffle_seed=(seed + epoch) if shuffle_buffer else None,
-    )
-    if length_window and micro_batch > 1:
-        from .grouping import group_by_length
-
-        rows = (row for batch in batches for row in batch_rows(batch))
-        for i, group in enumerate(group_by_length(rows, micro_batch, length_window, seed, epoch)):
+                      collate_fn, length_window, rank) -> Iterator[dict]:
+    group = length_window and micro_batch > 1
+    if not shuffle_buffer and not group:  # file order: Ray Data's batches as they come
+        batches = data.iter_batches(batch_size=micro_batch, batch_format="numpy", drop_last=drop_last,
+                                    prefetch_batches=prefetch_batches)
+        for i, batch in enumerate(batches):
             if i >= skip_batches:
-                yield collate_fn.collate_rows(group)
+                yield collate_fn(batch)
         return
-    for i, batch in enumerate(batches):
-        if i < skip_batches:
-            continue
-        yield collate_fn(batch)
+    batches = data.iter_batches(batch_size=micro_batch, batch_format="numpy", prefetch_batches=prefetch_batches)
+    rows = (_owned(row) for batch in batches for row in batch_rows(batch))
+    if shuffle_buffer:
+        rows = shuffle_rows(rows, shuffle_buffer, seed, epoch, rank)
+    groups = group_by_length(rows, micro_batch, length_window, seed, epoch) if group else _chunks(rows, micro_batch)
+    for i, rows_of_batch in enumerate(groups):
+        if i >= skip_batches and not (drop_last and len(rows_of_batch) < micro_batch):
+            yield collate_fn.collate_rows(rows_of_batch)
+
+
+def _owned(row: dict) -> dict:
+    """A row whose arrays are its own: a view into the fetched batch or block would keep all of it alive
+    while the row waits in a buffer."""
+    return {k: v.copy() if isinstance(v, np.ndarray) and v.base is not None else v for k, v in row.items()}
+
+
+def _chunks(rows: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    chunk: list[dict] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 _END = object()

@@ -223,6 +223,8 @@ class TrainConfig:
     micro_batch: int = _f(1, "examples per worker per forward pass", ge=1)
     grad_accum: int = _f(0, "micro batches per optimizer step; 0 = derive from global_batch", ge=0)
     global_batch: int = _f(64, "examples per optimizer step across all workers (used when grad_accum is 0)", ge=1)
+    shuffle_buffer: int = _f(64, "rows each training worker shuffles its shard in, drawn by (seed, epoch, rank); they wait "
+                                 "in host memory as one copy each (0 = file order)", ge=0)
     group_by_length: bool = _f(False, "micro-batches of examples of similar length, so little padding is computed: "
                                       "sorted within length_window examples of the shuffled stream (deterministic, "
                                       "resumable); only with micro_batch > 1. Off by default: on mixed tasks whose "

@@ -1,11 +1,19 @@
-"""Length-grouped micro-batches: rows of similar length share a micro-batch, so padding stays small.
+"""Row order of a training epoch: a seeded buffer shuffle, and length-grouped micro-batches.
+
+`shuffle_rows` mixes a worker's shard in a buffer of rows it owns (one copy each, nothing else held),
+seeded by (seed, epoch). Ray Data's own local shuffle buffer (`iter_batches(local_shuffle_buffer_size=)`)
+gives a seeded order too, but holds its buffer as concatenated blocks and compacts them into new ones:
+on the demo's cached rows a 64-row buffer raised a worker's peak resident memory by ~1 GB, where the
+same 64 rows held here cost their own bytes (`bench/worker_memory.py`).
+
+Length grouping: rows of similar length share a micro-batch, so padding stays small.
 
 A right-padded micro-batch is as wide as its longest row. DocVQA pages differ (a letter page is 2509
 image tokens, an A4 page 1933), so random micro-batches of 4 carry 5–10 % padding tokens, all of them
 computed and thrown away. Sorted by length within a window of the shuffled stream they carry almost
 none (`bench/pipeline.py --padding`).
 
-    rows of one epoch (already shuffled by Ray Data's seeded local buffer)
+    rows of one epoch (already shuffled by shuffle_rows)
       ──▶ windows of `window` rows (a multiple of micro_batch)
       ──▶ each window sorted by length (stable: equal lengths keep stream order), cut into micro-batches
       ──▶ the window's full micro-batches in an order drawn from (seed, epoch, window index)
@@ -22,7 +30,7 @@ What the training loop relies on:
   (`iter_train_batches(skip_batches=k)`), which are the k the interrupted run trained on.
 
 Cost: the window's rows wait in host memory (a 16-crop DocVQA row is ~5.5 MB of uint8 crops: 64 rows
-≈ 350 MB), beside Ray Data's own shuffle buffer.
+≈ 350 MB), beside the shuffle buffer's.
 """
 
 from __future__ import annotations
@@ -30,6 +38,32 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import numpy as np
+
+
+def shuffle_rows(rows: Iterable[dict], buffer: int, seed: int, epoch: int, rank: int = 0) -> Iterator[dict]:
+    """The rows in a seeded buffer-shuffled order: each row enters a buffer of `buffer` rows and a
+    uniformly drawn one leaves in its place; the last `buffer` rows leave in a drawn order.
+
+    Deterministic in (rows, buffer, seed, epoch, rank), so a resumed run reads the same order again.
+    Each rank draws its own positions: with one draw for all, ranks whose shards repeat a pattern by
+    position (the demo's four tasks, in turn) would hold the same kind of record at every step.
+    """
+    if buffer < 1:
+        raise ValueError(f"shuffle buffer must be ≥ 1 row, got {buffer}")
+    rng = np.random.default_rng([_SHUFFLE_STREAM, seed % 2**63, epoch, rank])
+    pool: list[dict] = []
+    for row in rows:
+        if len(pool) < buffer:
+            pool.append(row)
+            continue
+        k = int(rng.integers(buffer))
+        yield pool[k]
+        pool[k] = row
+    for k in rng.permutation(len(pool)):
+        yield pool[k]
+
+
+_SHUFFLE_STREAM = 0x5348  # keeps the shuffle's random stream apart from the window orders' below
 
 
 def row_length(row: dict) -> int:

@@ -406,6 +406,7 @@ class Recipe:
         """This epoch's optimizer steps from where the run stands: (micro-batches, is the epoch's last step)."""
         cfg, state = self.cfg, self.state
         batches = iter_train_batches(self.train_shard, cfg.micro_batch, epoch=state.epoch, seed=cfg.seed,
+                                     rank=self.worker.rank, shuffle_buffer=cfg.shuffle_buffer,
                                      skip_batches=state.batch_in_epoch, length_window=cfg.length_grouping_window,
                                      collate_fn=self.collate_fn, collate_ahead=cfg.data.collate_ahead)
         group: list[dict] = []

@@ -1,5 +1,8 @@
 """phi3v_ray.examples and phi3v_ray.collate: label masking, multi-turn tags, overflow, padding (SPEC §4)."""
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -359,14 +362,13 @@ def test_evaluation_prompts_from_uint8_rows_generate_what_float_rows_do(tiny_ckp
 
 # ------------------------------------------------------------------------------------ length grouping
 class _Shard:
-    """Stands in for a worker's Ray Data shard: `iter_batches` in stream order, numpy columns (Ray's seeded
-    shuffle itself is tested in test_pipeline.py)."""
+    """Stands in for a worker's Ray Data shard: `iter_batches` in stream order, numpy columns (on a real
+    shard in test_pipeline.py)."""
 
     def __init__(self, rows: list[dict]):
         self.rows = rows
 
-    def iter_batches(self, batch_size, batch_format, drop_last, prefetch_batches, local_shuffle_buffer_size,
-                     local_shuffle_seed):
+    def iter_batches(self, batch_size, batch_format, prefetch_batches, drop_last=False):
         for k in range(0, len(self.rows), batch_size):
             chunk = self.rows[k:k + batch_size]
             if drop_last and len(chunk) < batch_size:
@@ -385,6 +387,55 @@ def _padded_fraction(batches) -> float:
     return 1 - real / sum(b["attention_mask"].numel() for b in batches)
 
 
+def test_the_shuffle_is_a_seeded_permutation_per_epoch_and_rank():
+    from phi3v_ray.grouping import shuffle_rows
+
+    rows = [{"id": f"r{i}"} for i in range(50)]
+
+    def order(buffer=8, epoch=0, rank=0, seed=5):
+        return [r["id"] for r in shuffle_rows(iter(rows), buffer, seed, epoch, rank)]
+
+    first = order()
+    assert sorted(first) == sorted(r["id"] for r in rows) and first != [r["id"] for r in rows]
+    assert order() == first  # deterministic: a resumed run reads the same order
+    assert len({tuple(order(epoch=1)), tuple(order(rank=1)), tuple(order(seed=6)), tuple(first)}) == 4
+    assert order(buffer=1) == [r["id"] for r in rows]  # a buffer of one row keeps stream order
+    # a row leaves at most `buffer` - 1 places before it entered: the shuffle is local
+    assert max(i - first.index(f"r{i}") for i in range(50)) < 8
+    with pytest.raises(ValueError, match="≥ 1 row"):
+        next(shuffle_rows(iter(rows), 0, 5, 0))
+
+
+class _FixedShard:
+    """Batches whose columns are fixed-shape arrays (as Ray hands equal-length rows); keeps weak
+    references to every batch it handed out."""
+
+    def __init__(self, n: int, length: int):
+        self.n, self.length, self.handed = n, length, []
+
+    def iter_batches(self, batch_size, batch_format, prefetch_batches, drop_last=False):
+        for k in range(0, self.n, batch_size):
+            m = min(batch_size, self.n - k)
+            ids = np.full((m, self.length), 7, dtype=np.int64)
+            self.handed.append(weakref.ref(ids))
+            yield {"id": np.array([f"r{k + i}" for i in range(m)], dtype=object), "input_ids": ids,
+                   "labels": ids.copy(), "num_tokens": np.full(m, self.length, dtype=np.int64)}
+
+
+def test_rows_waiting_in_the_shuffle_buffer_do_not_keep_their_fetched_batches_alive():
+    from phi3v_ray.collate import Phi3VCollate, iter_train_batches
+
+    shard = _FixedShard(n=40, length=300)
+    it = iter_train_batches(shard, 2, epoch=0, seed=1, shuffle_buffer=16, collate_fn=Phi3VCollate(return_ids=True))
+    first = next(it)
+    gc.collect()
+    # 9 batches fetched (16 rows buffered, 2 drawn); each buffered row holds a copy of its own tokens only
+    assert len(shard.handed) >= 8 and sum(ref() is not None for ref in shard.handed) <= 1
+    rest = [b["ids"] for b in it]
+    ids = first["ids"] + [i for b in rest for i in b]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(40)) and len(rest) == 19
+
+
 def test_length_grouping_is_deterministic_resumable_and_keeps_the_epochs_batches():
     from phi3v_ray.collate import Phi3VCollate, iter_train_batches
 
@@ -392,8 +443,8 @@ def test_length_grouping_is_deterministic_resumable_and_keeps_the_epochs_batches
     shard = _Shard(_length_rows(rng.integers(50, 3000, size=50)))
 
     def ids(epoch=0, skip=0, window=16, micro=4, **kw):
-        it = iter_train_batches(shard, micro, epoch=epoch, seed=5, skip_batches=skip, length_window=window,
-                                collate_fn=Phi3VCollate(return_ids=True), **kw)
+        it = iter_train_batches(shard, micro, epoch=epoch, seed=5, shuffle_buffer=0, skip_batches=skip,
+                                length_window=window, collate_fn=Phi3VCollate(return_ids=True), **kw)
         return [b["ids"] for b in it]
 
     grouped = ids()
@@ -406,11 +457,11 @@ def test_length_grouping_is_deterministic_resumable_and_keeps_the_epochs_batches
     assert {i for b in grouped[:4] for i in b} == window
     assert ids(window=10) == ids(window=12)  # rounded up to whole micro-batches
     assert [len(b) for b in ids(drop_last=True)] == [4] * 12
-    ungrouped = [b["ids"] for b in iter_train_batches(shard, 1, 0, 5, collate_fn=Phi3VCollate(return_ids=True))]
+    ungrouped = [b["ids"] for b in iter_train_batches(shard, 1, 0, 5, 0, collate_fn=Phi3VCollate(return_ids=True))]
     assert ids(micro=1) == ungrouped  # micro-batches of one have nothing to group
 
     def fraction(window):
-        return _padded_fraction(iter_train_batches(shard, 4, 0, 5, length_window=window))
+        return _padded_fraction(iter_train_batches(shard, 4, 0, 5, 0, length_window=window))
 
     assert fraction(16) < 0.5 * fraction(0), (fraction(16), fraction(0))
 

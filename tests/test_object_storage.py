@@ -501,7 +501,7 @@ def test_train_from_a_bucket_with_no_shared_filesystem(s3, bucket, bucket_cluste
         "num_crops=1", "precision=fp32", "attention=sdpa", "mode=lora", "lora_rank=4", "lora_alpha=8", "micro_batch=2",
         "grad_accum=1", "num_workers=2", "max_steps=2", "warmup_steps=1", "eval_before=false", "max_failures=0",
         "eval_max_samples=4", "max_new_tokens=4", "use_gpu=false", "worker_resource=gpu_pool",
-        "data_node_resource=data_node", "cpus_per_worker=1.0", "preprocess_cpus=0.5",
+        "data_node_resource=data_node", "cpus_per_worker=1.0", "preprocess_cpus=0.5", "preprocess_actors=1",
     ]
     driver_dir = tmp_path / "driver"
     driver_dir.mkdir()

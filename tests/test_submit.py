@@ -251,7 +251,7 @@ def test_tiny_training_runs_as_a_ray_job(tmp_path, tiny_ckpt, demo_data, monkeyp
             f"val_file={demo_data / 'val.jsonl'}", f"images_root={demo_data / 'images'}", f"storage_path={store}",
             "name=jobrun", "max_steps=2", "epochs=1", "num_crops=1", "micro_batch=2", "grad_accum=1", "num_workers=2",
             "eval_before=false", "eval_max_samples=4", "max_new_tokens=2", "precision=fp32", "attention=sdpa",
-            "mode=lora", "lora_rank=4", "lora_alpha=8", "warmup_steps=1", "max_failures=0"]
+            "mode=lora", "lora_rank=4", "lora_alpha=8", "warmup_steps=1", "max_failures=0", "preprocess_actors=1"]
 
     t0 = time.monotonic()
     with local_head(token) as address:

@@ -42,6 +42,7 @@ def _cfg(tmp_path, demo_data, tiny_ckpt, **changes) -> TrainConfig:
         eval_before=False,
         max_failures=0,
         preprocess_cpus=0.5,
+        preprocess_actors=1,  # one decoding actor is plenty for 32 small rows; each more starts an interpreter (~5 s)
     )
     return base.replace(**changes)
 
