@@ -1,7 +1,8 @@
 """Micro-batch layouts side by side: the same mixed micro-batches, padded or packed, forward + backward.
 
-The demo's tasks differ ~8x in length (one image: ~330 tokens; eight frames: 2537), and a
-shuffled stream mixes them, so a padded micro-batch of 4 with one 8-frame record computes four.
+The demo's tasks differ in length (one image: ~330 tokens; four video frames: ~1280; the 8-frame
+demo before 2026-11-30: 2537), and a shuffled stream mixes them, so a padded micro-batch of 4 with one
+video record computes four.
 Three layouts of the same examples, timed on the tiny model in training mode (loss_only, as the
 engine calls it), torch at 1 thread as a 1-CPU Ray worker gets:
 
@@ -103,8 +104,9 @@ def main() -> None:
 
     real = sum(len(r["input_ids"]) for r in rows)
     computed = {"padded": sum(b["input_ids"].numel() for b in padded), "packed, mask": real, "packed, segments": real}
-    long_ones = [sum(len(r["image_sizes"]) == 8 for r in g) for g in groups]
-    print(f"{len(groups)} micro-batches of {args.micro_batch} demo examples (8-frame records per micro-batch: "
+    frames = max(len(r["image_sizes"]) for r in rows)
+    long_ones = [sum(len(r["image_sizes"]) == frames for r in g) for g in groups]
+    print(f"{len(groups)} micro-batches of {args.micro_batch} demo examples ({frames}-frame records per micro-batch: "
           f"{long_ones}), forward + backward, 1 thread")
     print(f"{'layout':<18} {'seconds':>8} {'vs padded':>10} {'tokens computed':>16}")
     for name, s in seconds.items():
@@ -113,7 +115,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
             "command": "python bench/packing.py " + " ".join(sys.argv[1:]),
-            "micro_batches": len(groups), "micro_batch": args.micro_batch, "eight_frame_records": long_ones,
+            "micro_batches": len(groups), "micro_batch": args.micro_batch, "video_records": long_ones, "video_frames": frames,
             "seconds": seconds, "tokens_computed": computed, "real_tokens": real,
             "speedup_vs_padded": {k: seconds["padded"] / v for k, v in seconds.items()},
             "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),

@@ -39,8 +39,8 @@ def test_task_shapes(tmp_path):
     by_task = {t: [r for r in good if r["task"] == t] for t in TASKS}
     expected = {
         "colour": (1, "What colour is the shape?", set(COLOURS)),
-        "same_colour": (2, "Do both images show the same colour? Answer yes or no.", {"yes", "no"}),
-        "motion": (8, "Which way does the square move? Answer left or right.", {"left", "right"}),
+        "bigger": (2, "Is the second shape bigger than the first? Answer yes or no.", {"yes", "no"}),
+        "fade": (4, "Does the video fade in or fade out? Answer in or out.", {"in", "out"}),
         "digit": (1, "What digit is written?", set(DIGITS)),
     }
     for task, (n_images, question, answers) in expected.items():
@@ -57,8 +57,12 @@ def test_task_shapes(tmp_path):
             assert all(r["answers"] == [r["conversations"][0]["assistant"]] for r in records)
 
 
+def _shape_area(image) -> int:
+    return sum(p != (235, 235, 235) for p in image.getdata())
+
+
 def test_images_show_the_answer(tmp_path):
-    make_demo_dataset(tmp_path, n_train=8, n_val=0, n_test=0, tasks=["colour", "motion"])
+    make_demo_dataset(tmp_path, n_train=16, n_val=0, n_test=0)
     good, _ = validate_file(tmp_path / "train.jsonl", tmp_path / "images")
     for r in good:
         turn = r["conversations"][0]
@@ -70,10 +74,19 @@ def test_images_show_the_answer(tmp_path):
             top = Counter(pixels).most_common(1)[0][0]
             nearest = min(COLOURS, key=lambda c: sum((a - b) ** 2 for a, b in zip(COLOURS[c], top)))
             assert nearest == turn["assistant"]
-        else:
-            xs = [min(x for x in range(f.width) for y in range(f.height) if f.getpixel((x, y)) != (235, 235, 235))
-                  for f in frames]
-            assert xs == sorted(xs, reverse=turn["assistant"] == "left") and xs[0] != xs[-1]
+        elif r["task"] == "bigger":
+            first, second = map(_shape_area, frames)
+            assert (second > 2 * first) == (turn["assistant"] == "yes")
+            assert (first > 2 * second) == (turn["assistant"] == "no")
+        elif r["task"] == "fade":
+            brightness = [sum(map(sum, f.getdata())) for f in frames]
+            assert brightness == sorted(brightness, reverse=turn["assistant"] == "out")
+            assert max(brightness) > 3 * min(brightness)
+        else:  # digit: printed at the centre of the page, so the ink's centre is the page's
+            ink = [(x, y) for y in range(frames[0].height) for x in range(frames[0].width)
+                   if sum(frames[0].getpixel((x, y))) < 300]
+            cx, cy = (sum(c) / len(ink) for c in zip(*ink))
+            assert abs(cx - frames[0].width / 2) < 12 and abs(cy - frames[0].height / 2) < 12
 
 
 def test_unknown_task(tmp_path):

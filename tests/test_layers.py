@@ -167,6 +167,18 @@ def test_processor_and_examples_load_without_ray_or_the_model():
     assert _hits(loaded, ("ray", "phi3v_ray.model", "datasets_ray")) == []
 
 
+def test_the_decoding_actor_loads_without_torch(tiny_ckpt):
+    """A Ray Data actor imports the pipeline and loads the processor; torch is for the training worker
+    (an interpreter importing it starts seconds later, and on a 2-core machine that is most of a small
+    split's decode)."""
+    code = ("import sys; import datasets_ray.pipeline; from phi3v_ray.processor import Phi3VProcessor; "
+            f"Phi3VProcessor.from_pretrained(sys.argv[1], num_crops=1); "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_ckpt)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_collate_loads_without_ray_or_datasets_ray():
     loaded = _loaded_after_import("phi3v_ray.collate")
     assert _hits(loaded, ("ray", "datasets_ray")) == []

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from datasets_ray.demo import N_FRAMES
 from datasets_ray.pipeline import (
     MANIFEST_COLUMNS,
     DataPaths,
@@ -37,7 +38,7 @@ from phi3v_ray.processor import Phi3VProcessor, pixel_values_from_crops
 
 NUM_CROPS = 1  # the tiny checkpoint's budget: (n_img, 2, 3, 336, 336) per row keeps tests light
 MAX_PIXELS = 200 * 200  # demo images are 96×96 and 96×64; the "bomb" is 400×400
-MAX_LENGTH = 3000  # an 8-frame demo record is ~2540 tokens at 1 crop
+MAX_LENGTH = 3000  # a 4-frame demo record is ~1280 tokens at 1 crop
 
 
 def record(rid: str, images: list[str], answer: str = "red", user: str = "What colour is the shape?") -> dict:
@@ -141,7 +142,7 @@ _NINE: dict = {}
 
 @pytest.fixture
 def nine_records(ray_local, pipe_root, tiny_ckpt, tmp_path_factory):
-    """8 demo records (1, 2 and 8 images) + a text-only one: the dataset, and its rows materialized once."""
+    """8 demo records (1, 2 and N_FRAMES images) + a text-only one: the dataset, and its rows materialized once."""
     if not _NINE:
         tmp = tmp_path_factory.mktemp("nine")
         records = demo_records(pipe_root, 8) + [record("text-only", [])]
@@ -156,7 +157,7 @@ def test_rows_match_processor_with_ragged_images(nine_records, pipe_root, tiny_c
     rows = mat.take_all()
 
     assert [r["id"] for r in rows] == [r["id"] for r in records]  # file order kept
-    assert sorted({int(r["num_images"]) for r in rows}) == [0, 1, 2, 8]
+    assert sorted({int(r["num_images"]) for r in rows}) == [0, 1, 2, N_FRAMES]
     processor = Phi3VProcessor.from_pretrained(tiny_ckpt, num_crops=NUM_CROPS)
     for row, rec in zip(rows, records):
         ex = expected_example(processor, pipe_root, rec)
@@ -185,7 +186,7 @@ def test_rows_match_processor_with_ragged_images(nine_records, pipe_root, tiny_c
     first = collate(rows[:4])
     for k in ("input_ids", "attention_mask", "labels", "pixel_crops", "image_sizes"):
         torch.testing.assert_close(batches[0][k], first[k], rtol=0, atol=0)
-    assert batches[0]["pixel_crops"].shape[0] == batches[0]["image_sizes"].shape[0] == 1 + 2 + 8 + 1
+    assert batches[0]["pixel_crops"].shape[0] == batches[0]["image_sizes"].shape[0] == 1 + 2 + N_FRAMES + 1
     assert batches[0]["pixel_values"] is None  # made on the device: phi3v_ray.collate.to_device
 
 
@@ -263,7 +264,7 @@ def test_cache_data_decodes_each_split_once_and_keeps_its_rows(ray_local, pipe_r
 
 
 def test_streams_through_a_small_object_store(ray_local, pipe_root, tiny_ckpt, tmp_path):
-    limit = 24 * 2**20  # just over one 8-frame row (21.7 MB at 1 crop)
+    limit = 12 * 2**20  # just over one 4-frame row (10.8 MB at 1 crop)
     write_jsonl(tmp_path / "train.jsonl", demo_records(pipe_root, 16))
     s = settings_for(pipe_root, tiny_ckpt, [tmp_path / "train.jsonl"], tmp_path, pixel_format="float32",
                      object_store_memory_limit=limit, preprocess_batch_size=1)  # float32: the bulkier layout
@@ -274,8 +275,8 @@ def test_streams_through_a_small_object_store(ray_local, pipe_root, tiny_ckpt, t
         rows += batch["input_ids"].shape[0]
         images += batch["image_sizes"].shape[0]
         pixel_bytes += batch["pixel_values"].numel() * 4
-    assert rows == 16 and images == 4 * (1 + 2 + 8 + 1)
-    assert pixel_bytes > 5 * limit  # 48 images × 2.7 MB ≈ 130 MB through a 24 MB budget
+    assert rows == 16 and images == 4 * (1 + 2 + N_FRAMES + 1)
+    assert pixel_bytes > 5 * limit  # 32 images × 2.7 MB ≈ 87 MB through a 12 MB budget
 
 
 @pytest.mark.slow  # ~20 s: TorchTrainer start-up
@@ -322,7 +323,7 @@ def test_train_workers_holding_cpus_do_not_stall_the_pipeline(ray_local, pipe_ro
     assert "result" in outcome and outcome["result"].error is None
     counts = [json.loads((out / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert [c["rows"] for c in counts] == [4, 4]  # equal shards
-    assert sum(c["images"] for c in counts) == 2 * (1 + 2 + 8 + 1)
+    assert sum(c["images"] for c in counts) == 2 * (1 + 2 + N_FRAMES + 1)
 
 
 # ------------------------------------------------------------------------------------ bad records

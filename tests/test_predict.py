@@ -74,7 +74,7 @@ def _ask_all(predictor, demo_data: Path, records: list[dict], max_new_tokens: in
 
 
 def _small(demo_data: Path, split: str = "val") -> list[dict]:
-    """Records with one or two images (the 8-frame ones cost seconds each on a busy CPU)."""
+    """Records with one or two images (the video ones cost seconds each on a busy CPU)."""
     return [r for r in _records(demo_data, split) if len(r["conversations"][0]["images"]) <= 2]
 
 

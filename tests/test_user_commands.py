@@ -171,7 +171,7 @@ def test_the_readmes_eval_and_export_lines_work_on_the_demo_run(ray_local, tmp_p
     evaluated = json.loads((tmp_path / "runs/phi3v-demo-eval/artifacts/eval/eval.json").read_text())
     assert evaluated["step"] == 2 and evaluated["scores"] == after["scores"]  # the trained weights, same settings
     assert [p["prediction"] for p in evaluated["predictions"]] == [p["prediction"] for p in after["predictions"]]
-    assert {p["task"] for p in evaluated["predictions"]} == {"colour", "same_colour", "motion", "digit"}
+    assert {p["task"] for p in evaluated["predictions"]} == {"colour", "bigger", "fade", "digit"}
     assert any(k.startswith("val/colour/") for k in evaluated["scores"])  # per-task scores need the task on every row
     assert main(["eval", "checkpoint=runs/phi3v-demo", "val_file=data/nonexistent.jsonl"]) == 2  # before any worker
     assert main(shlex.split(exports[0])[1:]) == 0
