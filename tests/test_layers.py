@@ -168,11 +168,15 @@ def test_processor_and_examples_load_without_ray_or_the_model():
 
 
 def test_the_decoding_actor_loads_without_torch(tiny_ckpt):
-    """A Ray Data actor imports the pipeline and loads the processor; torch is for the training worker
-    (an interpreter importing it starts seconds later, and on a 2-core machine that is most of a small
-    split's decode)."""
-    code = ("import sys; import datasets_ray.pipeline; from phi3v_ray.processor import Phi3VProcessor; "
-            f"Phi3VProcessor.from_pretrained(sys.argv[1], num_crops=1); "
+    """A Ray Data actor imports the pipeline, loads the processor and builds rows of uint8 crops; torch
+    is for the training worker (an actor importing it starts seconds later, and on a 2-core machine
+    that is most of a small split's decode)."""
+    code = ("import sys; from PIL import Image; import datasets_ray.pipeline\n"
+            "from phi3v_ray.examples import build_example; from phi3v_ray.processor import Phi3VProcessor\n"
+            "processor = Phi3VProcessor.from_pretrained(sys.argv[1], num_crops=1)\n"
+            "turn = {'images': ['a.png'], 'user': '<|image_1|>\\nWhat colour is the shape?', 'assistant': 'red'}\n"
+            "example = build_example(processor, [turn], [Image.new('RGB', (96, 96), 'red')], crops=True)\n"
+            "assert example.pixel_crops.shape[0] == 1, example.pixel_crops.shape\n"
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
     proc = subprocess.run([sys.executable, "-c", code, str(tiny_ckpt)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
