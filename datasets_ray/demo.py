@@ -35,8 +35,8 @@ DIGITS = ("1", "4", "7", "8")  # four shapes unlike each other, so a tiny model 
 BACKGROUND = (235, 235, 235)
 SIZE = 96  # still images are SIZE x SIZE; video frames are SIZE x 64
 FRAME_H = 64
-N_FRAMES = 4
 FADE = (0.15, 0.4, 0.7, 1.0)  # frame brightness of a fade-in; a fade-out plays it backwards
+N_FRAMES = len(FADE)
 SMALL_SIDE, BIG_SIDE = (16, 32), (56, 80)  # the two shapes of a `bigger` record
 
 
@@ -44,12 +44,12 @@ def _jitter(rgb, rng: random.Random, amount: int = 12) -> tuple[int, int, int]:
     return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
 
 
-def _shape_image(colour: str, rng: random.Random, side_range: tuple[int, int] = (44, 68), size=(SIZE, SIZE)) -> Image.Image:
+def _shape_image(colour: str, rng: random.Random, side_range: tuple[int, int] = (44, 68)) -> Image.Image:
     """A circle, square or triangle of `colour` (slightly jittered) at a random place."""
-    img = Image.new("RGB", size, BACKGROUND)
+    img = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
     draw = ImageDraw.Draw(img)
     side = rng.randint(*side_range)
-    x, y = rng.randint(2, size[0] - side - 2), rng.randint(2, size[1] - side - 2)
+    x, y = rng.randint(2, SIZE - side - 2), rng.randint(2, SIZE - side - 2)
     fill = _jitter(COLOURS[colour], rng)
     kind = rng.choice(("circle", "square", "triangle"))
     if kind == "circle":

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from datasets_ray.demo import COLOURS, DIGITS, TASKS, make_demo_dataset
+from datasets_ray.demo import BACKGROUND, COLOURS, DIGITS, TASKS, make_demo_dataset
 from datasets_ray.schema import validate_file
 
 SMALL = dict(n_train=24, n_val=8, n_test=8)
@@ -58,7 +58,7 @@ def test_task_shapes(tmp_path):
 
 
 def _shape_area(image) -> int:
-    return sum(p != (235, 235, 235) for p in image.getdata())
+    return sum(p != BACKGROUND for p in image.getdata())
 
 
 def test_images_show_the_answer(tmp_path):
