@@ -43,7 +43,8 @@ def test_every_preset_and_every_published_mode_loads_and_validates(tmp_path):
 def test_presets_keep_their_values():
     demo = load_config("demo")
     assert (demo.data.num_crops, demo.data.max_length, demo.data.preprocess_cpus) == (1, 4096, 0.5)
-    assert (demo.mode, demo.num_workers, demo.micro_batch, demo.lr, demo.precision) == ("full", 2, 1, 2e-3, "fp32")
+    assert (demo.mode, demo.num_workers, demo.cpus_per_worker, demo.micro_batch, demo.epochs, demo.lr, demo.precision) == \
+        ("frozen_vision", 1, 2, 2, 4, 2e-3, "fp32")
     assert {n: load_config(n).data.num_crops for n in ("docvqa", "hateful_memes", "nlvr2", "ucf101")} == \
         {"docvqa": 16, "hateful_memes": 16, "nlvr2": 4, "ucf101": 4}
     assert load_config("docvqa").data == DataConfig(num_crops=16, max_length=8192)  # the rest are the defaults

@@ -28,7 +28,9 @@ from phi3v_ray.constants import IGNORE_INDEX
 from phi3v_ray.engine import (
     DDPEngine,
     build_engine,
+    build_optimizer,
     deepspeed_config,
+    fused_adamw,
     linear_schedule,
     parameter_groups,
     supervised_tokens,
@@ -175,6 +177,30 @@ def test_parameter_groups_decay_matrices_only():
     groups = parameter_groups(model, weight_decay=0.1)
     assert [len(g["params"]) for g in groups] == [1, 4]  # the weight matrix; bias, norm weight/bias, separator
     assert groups[0]["params"][0] is model[0].weight and groups[1]["weight_decay"] == 0.0
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel_and_steps_as_the_plain_one():
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+
+    cfg = TrainConfig.from_dict(dict(lr=1e-2, weight_decay=0.1, warmup_steps=0))
+    fused, plain = model(), model()
+    optimizer, _ = build_optimizer(cfg, fused, total_steps=10)
+    assert optimizer.defaults["fused"] is True
+    reference = torch.optim.AdamW(parameter_groups(plain, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    ids = torch.tensor([[1, 7, 7, 42]])
+    for _ in range(3):
+        for net, opt in ((fused, optimizer), (plain, reference)):
+            opt.zero_grad()
+            net(ids).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(fused.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # No kernel for integer tensors (or parameters spread over device types): the plain loop then.
+    assert not fused_adamw([torch.zeros(2, dtype=torch.int64)])
+    assert not fused_adamw([torch.zeros(2, device="meta"), torch.zeros(2)])
 
 
 def test_deepspeed_config_is_generated_from_the_training_config():

@@ -41,6 +41,7 @@ def _overrides(tmp_path, demo_data, tiny_ckpt, **changes) -> dict:
         "micro_batch": 2,
         "grad_accum": 1,
         "num_workers": 1,
+        "cpus_per_worker": 1,
         "max_steps": 4,
         "warmup_steps": 0,
         "eval_before": False,
@@ -148,9 +149,9 @@ def test_every_candidate_value_is_checked_against_the_trainers_validation():
     assert problems["lora_dropout"].value == 1.0 and problems["preprocess_cpus"].value == 0.0
     assert "search space 's'" in str(err.value)
 
-    # Values that break a rule between settings: the demo's 64-example global batch vs micro_batch × workers.
+    # Values that break a rule between settings: a 64-example global batch vs micro_batch × 2 workers.
     with pytest.raises(ConfigError) as err:
-        validate_space(space(params={"micro_batch": {"choice": [2, 3]}}, settings={"grad_accum": 0}))
+        validate_space(space(params={"micro_batch": {"choice": [2, 3]}}, settings={"grad_accum": 0, "num_workers": 2}))
     assert [p.field for p in err.value.problems] == ["global_batch"] and "= 6" in err.value.problems[0].fix
 
     # Choices and types come from TrainConfig too; dotted data keys are settings like the short ones.

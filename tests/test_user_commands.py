@@ -160,7 +160,7 @@ def test_the_readmes_eval_and_export_lines_work_on_the_demo_run(ray_local, tmp_p
     assert main(["train", "--config", "demo", f"checkpoint={tiny_ckpt}", "train_file=data/train.jsonl",
                  "val_file=data/test.jsonl", "images_root=data/images", "max_steps=2", "eval_before=false"]) == 0
     out = capfd.readouterr().out
-    assert "[phi3v-ray] summary of phi3v-demo" in out and "mode=full trainable" in out  # rank 0's line, via the queue
+    assert "[phi3v-ray] summary of phi3v-demo" in out and "mode=frozen_vision trainable" in out  # rank 0's line, via the queue
     assert "Reporting training result" not in out
     after = json.loads((tmp_path / "runs/phi3v-demo/artifacts/eval/after.json").read_text())
 

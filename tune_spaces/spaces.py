@@ -79,7 +79,9 @@ SPACES: dict[str, SweepSpace] = {s.name: s for s in (
     SweepSpace(
         name="demo-lora", preset="demo", mode="lora", metric="loss", metric_mode="min", num_samples=4,
         params={"lr": {"loguniform": [2e-4, 2e-2]}, "lora_rank": {"choice": [4, 8, 16]}, "lora_alpha_ratio": {"choice": [1, 2]}},
-        settings={"num_workers": 1, "epochs": 1, "max_steps": 20, "log_every": 1, "report_every_s": 0, "eval_before": False},
+        # one CPU per trial's worker (the demo preset gives its single run both cores): two trials side by side
+        settings={"num_workers": 1, "cpus_per_worker": 1, "epochs": 1, "max_steps": 20, "log_every": 1, "report_every_s": 0,
+                  "eval_before": False},
         grace_period=4,
         description="the embedded demo (tiny model, CPU): LoRA lr × rank × alpha on training loss, minutes on a laptop",
     ),
