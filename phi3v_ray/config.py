@@ -261,7 +261,7 @@ class TrainConfig:
     report_every_s: float = _f(10.0, "seconds between metric reports to Ray Train/Tune, at logged steps (0 = every "
                                      "logged step); checkpoints and evaluations always report", ge=0)
     fault_injection: str = _f("", "chaos testing: 'rank:step:marker_file' makes that worker's process exit once "
-                                  "after that step")
+                                  "after that step; several separated by ';'")
     eval_only: bool = _f(False, "evaluate the checkpoint on val_file and stop (what `phi3v-ray eval` runs)")
     trained_checkpoint: str = _f("", "eval only: a run's checkpoint whose trained weights (adapter/ or "
                                      "trainable.safetensors) go on top of checkpoint; `phi3v-ray eval checkpoint=<run "
@@ -382,6 +382,14 @@ class TrainConfig:
                                         "QLoRA's 4-bit base cannot be sharded by ZeRO-2 here; use zero_stage=0"))
             if self.precision == "fp32" and self.use_gpu:
                 problems.append(Problem("precision", self.precision, "QLoRA computes in bf16 or fp16 on GPUs"))
+        if self.fault_injection:
+            from .faults import parse_faults
+
+            try:
+                parse_faults(self.fault_injection)
+            except ValueError as err:
+                problems.append(Problem("fault_injection", self.fault_injection,
+                                        f"{err}; write 'rank:step:marker_file', several separated by ';'"))
         if self.fused_kernels == "liger" and not self.use_gpu:
             problems.append(Problem("fused_kernels", self.fused_kernels,
                                     "liger's kernels run on CUDA GPUs only; set use_gpu=true, or use fused_kernels=auto "

@@ -199,6 +199,20 @@ def _fp32_masters(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return pairs
 
 
+def skip_cpu_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory all-reduce, which training never calls.
+
+    On the CPU accelerator DeepSpeed builds that C++ op with g++ the first time a process starts its
+    communication backend (about a minute on 2 cores, once per machine and Python environment). Only
+    its inference and tensor-parallel layers use it; ZeRO's collectives go through torch.distributed
+    (gloo here), and without the op DeepSpeed takes that path everywhere. Marking the op incompatible
+    in DeepSpeed's own table of compatible ops skips the build.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO-2: optimizer state and gradients sharded across ranks, bf16/fp16 by DeepSpeed."""
 
@@ -208,6 +222,8 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.cfg, self.device, self.precision = cfg, device, precision
+        if device.type == "cpu":
+            skip_cpu_shared_memory_allreduce()
         optimizer, scheduler = build_optimizer(cfg, model, total_steps)
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, precision, world_size)

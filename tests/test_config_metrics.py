@@ -291,3 +291,13 @@ def test_summarize_reports_overall_and_per_task():
     s = summarize(recs)
     assert s["accuracy"] == 0.75 and s["a/accuracy"] == pytest.approx(2 / 3) and s["b/accuracy"] == 1.0
     assert s["a/roc_auc"] == 1.0 and s["n"] == 4
+
+
+def test_fault_injection_takes_several_faults_and_names_a_bad_one():
+    from phi3v_ray.faults import fault_hook, parse_faults
+
+    assert parse_faults("1:2:/tmp/a; 0:4:/tmp/b:c") == [(1, 2, "/tmp/a"), (0, 4, "/tmp/b:c")]
+    assert TrainConfig.from_flat(fault_injection="1:2:/tmp/a;0:4:/tmp/b").value_problems() == []
+    problems = TrainConfig.from_flat(fault_injection="1:2:/tmp/a;rank0:4:/tmp/b").value_problems()
+    assert [p.field for p in problems] == ["fault_injection"] and "'rank0:4:/tmp/b'" in problems[0].fix
+    fault_hook(3, "1:2:/tmp/a")(2)  # another rank's fault: nothing happens

@@ -480,7 +480,8 @@ def bucket_cluster(s3, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_train_from_a_bucket_with_no_shared_filesystem(s3, bucket, bucket_cluster, tmp_path):
-    """`phi3v-ray train` with data, images, weights and runs all in the bucket, on four raylets; the driver's
+    """`phi3v-ray train` (frozen vision, DeepSpeed ZeRO-2 on two workers) with data, images, weights and runs all
+    in the bucket, on four raylets; the driver's
     working directory stays empty until the datasets are planned and is then deleted, before any worker, actor
     or read task starts, so nothing can read a driver-local path. (Ray's own connect and MKL's loader need
     the working directory to exist while the driver starts.)"""
@@ -498,7 +499,7 @@ def test_train_from_a_bucket_with_no_shared_filesystem(s3, bucket, bucket_cluste
     overrides = [
         "name=bucket-run", f"storage_path={runs}", f"checkpoint={bucket['ckpt']}", f"train_file={train}",
         f"images_root={demo}/images", f"val_file={bucket['parquet']}/val", "on_bad_record=skip",
-        "num_crops=1", "precision=fp32", "attention=sdpa", "mode=lora", "lora_rank=4", "lora_alpha=8", "micro_batch=2",
+        "num_crops=1", "precision=fp32", "attention=sdpa", "mode=frozen_vision", "micro_batch=2",
         "grad_accum=1", "num_workers=2", "max_steps=2", "warmup_steps=1", "eval_before=false", "max_failures=0",
         "eval_max_samples=4", "max_new_tokens=4", "use_gpu=false", "worker_resource=gpu_pool",
         "data_node_resource=data_node", "cpus_per_worker=1.0", "preprocess_cpus=0.5", "preprocess_actors=1",
@@ -525,6 +526,9 @@ def test_train_from_a_bucket_with_no_shared_filesystem(s3, bucket, bucket_cluste
     keys = [k["Key"] for k in s3.client.list_objects_v2(Bucket=BUCKET, Prefix="runs/bucket-run/")["Contents"]]
     state = sorted(k for k in keys if k.startswith("runs/bucket-run/checkpoint_") and k.endswith("train_state.json"))
     assert state and json.loads(read_text(f"s3://{BUCKET}/{state[-1]}"))["state"]["step"] == 2
+    final = state[-1].rsplit("/", 1)[0]  # frozen vision under ZeRO-2: the whole model and each rank's optimizer shard
+    assert f"{final}/model/model.safetensors" in keys
+    assert sum(k.startswith(f"{final}/deepspeed/") and k.endswith("_optim_states.pt") for k in keys) == 2
     dropped = {k: v for k, v in quarantine_report(f"{run}/quarantine").items() if v}
     assert dropped == {"train.decode": 1}  # the record whose images are not in the bucket, named in the quarantine
     assert {k: v for k, v in json.loads(read_text(f"{run}/artifacts/dropped.json")).items() if v} == dropped

@@ -1,8 +1,8 @@
 """Ray Tune sweeps: search spaces as data, concurrency from cluster resources, and real sweeps.
 
 The slow tests run real Ray Tune + Ray Train trials on the tiny checkpoint and the demo data: ASHA
-stopping poor trials, a sweep whose driver is SIGKILLed and restored, and trials placed by
-accelerator type on a heterogeneous (simulated) cluster.
+stopping poor trials, and a sweep whose driver is SIGKILLed and restored. Trials placed by
+accelerator type on a heterogeneous (simulated) cluster are in tests/test_multinode.py, on its cluster.
 """
 
 from __future__ import annotations
@@ -197,10 +197,10 @@ def test_cli_lists_the_spaces(capsys):
 
 # ----------------------------------------------------------------------------- real sweeps
 @pytest.mark.slow
-def test_asha_stops_poor_trials_and_the_best_config_trains(ray_local, tmp_path, demo_data, tiny_ckpt):
+def test_asha_stops_poor_trials_and_writes_a_best_config_ready_to_train(ray_local, tmp_path, demo_data, tiny_ckpt):
     from ray.util.placement_group import placement_group_table
 
-    from phi3v_ray.launch import run_training
+    from phi3v_ray.launch import check_cluster_fits, prepare
     from tune_spaces.run import run_sweep
 
     # lr alternates good/bad (grid order: 5e-3, 1e-6, 5e-3, 1e-6), rank is sampled. At step 2 (the rung) the
@@ -230,10 +230,13 @@ def test_asha_stops_poor_trials_and_the_best_config_trains(ray_local, tmp_path, 
     assert {"lr", "lora_rank", "lora_alpha", "loss", "step"} <= set(rows[0])
     assert (exp / "sweep.png").stat().st_size > 1000
 
+    # The best config passes every check `phi3v-ray train --config` makes before a worker starts (its files, its
+    # settings, this cluster); training it would be one more ~40 s Ray run of what the trials just did.
     best = load_config(str(exp / "best_config.yaml"))
     assert best.lr == 5e-3 and best.lora_alpha == 2 * best.lora_rank and best.name == "asha-best"
-    result = run_training(best.replace(max_steps=1, storage_path=str(tmp_path / "best")), start_ray=False)
-    assert json.loads((Path(result.checkpoint.path) / "train_state.json").read_text())["state"]["step"] == 1
+    ready = prepare(best.replace(storage_path=str(tmp_path / "best")))
+    check_cluster_fits(ready)
+    assert (ready.lr, ready.lora_rank, ready.mode, ready.max_steps) == (5e-3, best.lora_rank, "lora", 3)
 
 
 def _trial_status(exp_dir: Path) -> dict[str, str]:
@@ -301,50 +304,3 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_loc
     assert all(starts[t] == (1 if t in finished else 2) for t in at_kill), starts  # only the unfinished one re-ran
     rows = list(csv.DictReader((exp / "results.csv").open()))
     assert {r["status"] for r in rows} == {"DONE"}
-
-
-@pytest.mark.slow
-def test_trials_land_on_the_accelerator_they_ask_for_and_impossible_ones_fail_fast(tmp_path, demo_data, tiny_ckpt):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from phi3v_ray.launch import ClusterCannotFit
-    from tune_spaces.run import run_sweep
-
-    ray.shutdown()  # this test brings its own cluster; the shared one restarts lazily afterwards
-    env = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    try:
-        h100 = cluster.add_node(num_cpus=2, resources={"accelerator_type:H100": 1})
-        l4 = cluster.add_node(num_cpus=2, resources={"accelerator_type:L4": 1})
-        ray.init(address=cluster.address, runtime_env=env, log_to_driver=False)
-        cluster.wait_for_nodes()
-        kinds = {h100.node_id: "H100", l4.node_id: "L4"}
-
-        def space(accelerators):
-            return SweepSpace(name="pools", preset="demo", mode="lora", metric="loss", metric_mode="min", num_samples=1,
-                              params={"accelerator_type": {"grid": accelerators}, "lr": 1e-3, "lora_rank": 4})
-
-        overrides = _overrides(tmp_path, demo_data, tiny_ckpt, max_steps=1)
-
-        # The whole sweep refuses at once when one of its trials asks for a type no node has.
-        t0 = time.time()
-        with pytest.raises(ClusterCannotFit, match="A100") as err:
-            run_sweep(space(["H100", "A100"]), scheduler="none", overrides=overrides, name="refused", verbose=0)
-        assert time.time() - t0 < 30 and "accelerator_type:H100" in str(err.value)
-
-        # Without the driver's check, that trial fails by itself with the reason; the others run where they asked.
-        t0 = time.time()
-        grid = run_sweep(space(["H100", "L4", "A100"]), scheduler="none", overrides=overrides, name="pools",
-                         precheck=False, verbose=0)
-        print(f"heterogeneous sweep: {time.time() - t0:.0f} s")
-        by_type = {r.config["accelerator_type"]: r for r in grid}
-        assert "ClusterCannotFit" in str(by_type["A100"].error) and "A100" in str(by_type["A100"].error)
-        for kind in ("H100", "L4"):
-            result = by_type[kind]
-            assert result.error is None and result.metrics["step"] == 1
-            node_id = result.metrics_dataframe["node_id"].dropna().iloc[0]
-            assert kinds.get(node_id) == kind, (kind, node_id, kinds)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
