@@ -278,6 +278,46 @@ def _chunks(rows: Iterator[dict], size: int) -> Iterator[list[dict]]:
 _END = object()
 
 
+class FirstFetched:
+    """`items`, whose first item a daemon thread starts fetching when this is made, not when it is iterated.
+
+    A fresh run's first epoch is made before the model loads, so Ray Data starts its coordinator and
+    decoding actors and decodes the first rows while the worker imports its libraries and loads the
+    weights. Iterating joins that thread, then yields the first item (or raises its error) and the rest
+    of `items` from the caller's thread: the generator never runs in two threads at once.
+    """
+
+    def __init__(self, items: Iterator, name: str = "first-fetched"):
+        import threading
+
+        self._items = items
+        self._first: list = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fetch, name=name, daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first.append(next(self._items))
+        except StopIteration:
+            pass
+        except BaseException as err:  # raised to the consumer when it iterates
+            self._error = err
+
+    def __iter__(self) -> Iterator:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._first
+        yield from self._items
+
+    def close(self) -> None:
+        """Release `items` if the first fetch is over (a run that failed before training); else the daemon
+        thread ends with the worker's process."""
+        if not self._thread.is_alive() and hasattr(self._items, "close"):
+            self._items.close()
+
+
 def ahead(items: Iterator, depth: int, name: str = "ahead") -> Iterator:
     """`items`, produced by a daemon thread up to `depth` items before they are asked for.
 

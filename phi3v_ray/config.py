@@ -388,8 +388,7 @@ class TrainConfig:
             try:
                 parse_faults(self.fault_injection)
             except ValueError as err:
-                problems.append(Problem("fault_injection", self.fault_injection,
-                                        f"{err}; write 'rank:step:marker_file', several separated by ';'"))
+                problems.append(Problem("fault_injection", self.fault_injection, f"{err}; separate several faults with ';'"))
         if self.fused_kernels == "liger" and not self.use_gpu:
             problems.append(Problem("fused_kernels", self.fused_kernels,
                                     "liger's kernels run on CUDA GPUs only; set use_gpu=true, or use fused_kernels=auto "

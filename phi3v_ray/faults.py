@@ -17,7 +17,7 @@ def parse_faults(spec: str) -> list[tuple[int, int, str]]:
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         rank, step, marker = (part.split(":", 2) + ["", ""])[:3]
         if not (rank.isdigit() and step.isdigit() and marker):
-            raise ValueError(f"fault_injection part {part!r} is not rank:step:marker_file")
+            raise ValueError(f"{part!r} is not rank:step:marker_file")
         faults.append((int(rank), int(step), marker))
     return faults
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from datasets_ray.schema import BadRecord
 
 from .checkpointing import STATE_FILE, CheckpointCorrupt, TrainState, read_checkpoint, verify_checkpoint, write_checkpoint
-from .collate import Phi3VCollate, batch_stats, iter_train_batches
+from .collate import FirstFetched, Phi3VCollate, batch_stats, iter_train_batches
 from .config import TrainConfig
 from .engine import DTYPES, build_engine, load_trainable_weights, train_step
 from .failures import DeterministicFailure
@@ -128,19 +128,25 @@ def _rank() -> int:
 
 
 def _worker_from_ray(cfg: TrainConfig) -> Worker:
+    """This worker's rank, device and precision; its fused kernels come with `_with_kernels` (an import of seconds)."""
     import ray.train
     import ray.train.torch
-
-    from .kernels import resolve_kernels
 
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     hw = resolve_hardware(detect_gpu() if device.type == "cuda" else None, cfg.precision, cfg.attention)
+    return Worker(ctx.get_world_rank(), ctx.get_world_size(), device, hw)
+
+
+def _with_kernels(worker: Worker, cfg: TrainConfig) -> Worker:
+    from dataclasses import replace
+
+    from .kernels import resolve_kernels  # imports transformers' Phi-3 modules: ~5 s on a busy 2-core machine
+
     try:
-        kernels = resolve_kernels(cfg.fused_kernels, device)
+        return replace(worker, kernels=resolve_kernels(cfg.fused_kernels, worker.device))
     except ValueError as err:  # fused_kernels=liger without CUDA or the package: every retry would fail the same way
         raise DeterministicFailure(str(err)) from None
-    return Worker(ctx.get_world_rank(), ctx.get_world_size(), device, hw, kernels)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -154,7 +160,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if worker.rank == 0:
         say(log_choice(worker.hw))
     if cfg.eval_only:
-        evaluate_checkpoint(cfg, plan, worker)
+        evaluate_checkpoint(cfg, plan, _with_kernels(worker, cfg))
         return
     recipe = Recipe(cfg, plan, worker)
     try:
@@ -197,6 +203,14 @@ def choose_checkpoint(run_dir: str) -> str:
         raise CheckpointCorrupt(f"no checkpoint of {run_dir} passes verification: " + " | ".join(skipped)
                                 + ". Delete the damaged checkpoint directories to start over, or use another name.")
     return ""
+
+
+def _saved_state(checkpoint: str) -> TrainState:
+    """Where a checkpoint's run stood (its train_state.json alone, before the checkpoint is restored)."""
+    from .storage import join, read_text
+
+    text = read_text(join(checkpoint, STATE_FILE))
+    return TrainState(**json.loads(text)["state"]) if text else TrainState()
 
 
 def refused_pickle_message(checkpoint: str, directory: Path, err: Exception) -> str:
@@ -318,18 +332,30 @@ class Recipe:
         self.logger: MetricLogger | None = None
         self._first_report = True
         self._last_report = time.perf_counter()
+        self.resume_from = ""  # the checkpoint `resume` restores, chosen in `setup`
+        self._first_epoch: FirstFetched | None = None  # the first epoch's feed, started early by `setup`
+        self._first_epoch_at = (0, 0)  # (epoch, batch in epoch) it starts from
 
     # -- setup
     def setup(self) -> None:
         import ray.train
 
         cfg, w = self.cfg, self.worker
-        torch.manual_seed(cfg.seed)
-        model = load_model(cfg, w.hw, w.device, self.plan.checkpoint_dir, kernels=w.kernels)
-        self.engine = build_engine(cfg, model, self.plan.total_steps, w.hw.precision, w.device, w.world_size)
         self.train_shard = ray.train.get_dataset_shard("train")
         packed = use_packing(cfg.packing, w.hw.attention)
         self.collate_fn = Phi3VCollate(packing=packed, pack_tokens=cfg.pack_tokens)
+        # The checkpoint to resume from is chosen before anything loads, so the epoch the run starts in can start its
+        # feed now: Ray Data brings up its coordinator and decoding actors while this worker imports its libraries
+        # and loads the model, instead of after (that wait was ~12 s of every run's start on 2 CPUs).
+        self.resume_from = _broadcast_text(choose_checkpoint(self.plan.run_dir) if w.rank == 0 else "", w)
+        start = _saved_state(self.resume_from) if self.resume_from else TrainState()
+        if start.step < self.plan.total_steps and start.epoch < cfg.epochs:
+            self._first_epoch = FirstFetched(self._epoch_batches(start), name="phi3v-first-batch")
+            self._first_epoch_at = (start.epoch, start.batch_in_epoch)
+        self.worker = w = _with_kernels(w, cfg)
+        torch.manual_seed(cfg.seed)
+        model = load_model(cfg, w.hw, w.device, self.plan.checkpoint_dir, kernels=w.kernels)
+        self.engine = build_engine(cfg, model, self.plan.total_steps, w.hw.precision, w.device, w.world_size)
         if w.rank == 0:
             self.logger = MetricLogger(self.plan.run_dir, self.plan.total_steps)
             trainable, total = count_parameters(self.engine.model)
@@ -341,8 +367,7 @@ class Recipe:
     # -- resume
     def resume(self) -> None:
         """Restore from the newest checkpoint of the run that verifies; skipped ones are named with the reason."""
-        chosen = _broadcast_text(choose_checkpoint(self.plan.run_dir) if self.worker.rank == 0 else "",
-                                 self.worker)
+        chosen = self.resume_from
         if not chosen:
             return
         from .storage import checkpoint_at
@@ -402,13 +427,23 @@ class Recipe:
                     raise RuntimeError("the training shard yielded no batches; check train_file and the quarantine files")
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0  # an empty remainder of an epoch
 
+    def _epoch_batches(self, state: TrainState):
+        """The micro-batches of `state`'s epoch from where it stands."""
+        cfg = self.cfg
+        return iter_train_batches(self.train_shard, cfg.micro_batch, epoch=state.epoch, seed=cfg.seed,
+                                  rank=self.worker.rank, shuffle_buffer=cfg.shuffle_buffer,
+                                  skip_batches=state.batch_in_epoch, length_window=cfg.length_grouping_window,
+                                  collate_fn=self.collate_fn, collate_ahead=cfg.data.collate_ahead)
+
     def _steps_of_epoch(self):
         """This epoch's optimizer steps from where the run stands: (micro-batches, is the epoch's last step)."""
-        cfg, state = self.cfg, self.state
-        batches = iter_train_batches(self.train_shard, cfg.micro_batch, epoch=state.epoch, seed=cfg.seed,
-                                     rank=self.worker.rank, shuffle_buffer=cfg.shuffle_buffer,
-                                     skip_batches=state.batch_in_epoch, length_window=cfg.length_grouping_window,
-                                     collate_fn=self.collate_fn, collate_ahead=cfg.data.collate_ahead)
+        cfg = self.cfg
+        # The run's first epoch was started in `setup`, from the state `resume` then restored.
+        batches, self._first_epoch = self._first_epoch, None
+        if batches is None or self._first_epoch_at != (self.state.epoch, self.state.batch_in_epoch):
+            if batches is not None:
+                batches.close()
+            batches = self._epoch_batches(self.state)
         group: list[dict] = []
         pending = None  # one batch of lookahead tells which group ends the epoch
         for batch in batches:
@@ -479,6 +514,8 @@ class Recipe:
                          final_weights_from=local_checkpoint(self.plan.checkpoint_dir, processor_only=True) if final else None)
 
     def cleanup(self) -> None:
+        if self._first_epoch is not None:  # the run failed before it trained
+            self._first_epoch.close()
         if self.logger is not None:
             self.logger.close()
 

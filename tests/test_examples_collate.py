@@ -608,3 +608,36 @@ def test_ahead_keeps_order_raises_where_the_feed_failed_and_stops_when_closed():
     assert not any(t.name == "test-ahead" for t in threading.enumerate())
     assert len(produced) <= 5 + 2 + 1  # at most `depth` (+ the one in hand) beyond what was consumed
 
+
+
+def test_first_fetched_starts_before_it_is_iterated_and_keeps_order_and_errors():
+    import threading
+
+    from phi3v_ray.collate import FirstFetched
+
+    started = threading.Event()
+
+    def epoch(fail_at=None):
+        started.set()  # what Ray Data's first `iter_batches` call does: bring up the pipeline
+        for i in range(4):
+            if i == fail_at:
+                raise ValueError(f"record {i} is bad")
+            yield i
+
+    first = FirstFetched(epoch())
+    assert started.wait(timeout=5)  # fetching began before anyone iterated
+    assert list(first) == [0, 1, 2, 3]
+    assert list(FirstFetched(iter([]))) == []
+    with pytest.raises(ValueError, match="record 0 is bad"):  # the first fetch's error, raised to the consumer
+        list(FirstFetched(epoch(fail_at=0)))
+    got = []
+    with pytest.raises(ValueError, match="record 2 is bad"):
+        for x in FirstFetched(epoch(fail_at=2)):
+            got.append(x)
+    assert got == [0, 1]
+
+    unused = epoch()
+    never = FirstFetched(unused)
+    never._thread.join(timeout=5)
+    never.close()  # a run that failed before it trained releases its feed
+    assert list(unused) == []

@@ -131,14 +131,17 @@ def test_a_worker_resolves_the_setting_and_stops_without_retries_when_liger_cann
     import ray.train
 
     from phi3v_ray.failures import DeterministicFailure, deterministic_message
-    from phi3v_ray.train import _worker_from_ray
+    from phi3v_ray.train import _with_kernels, _worker_from_ray
 
     context = SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1)
     monkeypatch.setattr(ray.train, "get_context", lambda: context)
-    worker = _worker_from_ray(TrainConfig.from_flat(use_gpu=False))
-    assert worker.kernels == KernelChoice("none", "no CUDA")
+    cfg = TrainConfig.from_flat(use_gpu=False)
+    worker = _worker_from_ray(cfg)
+    assert worker.kernels is None  # resolved once the feed has started (the import takes seconds)
+    assert _with_kernels(worker, cfg).kernels == KernelChoice("none", "no CUDA")
+    liger = TrainConfig.from_flat(fused_kernels="liger", use_gpu=False)  # got past the driver somehow
     with pytest.raises(DeterministicFailure) as err:  # Ray Train's controller stops the run instead of retrying
-        _worker_from_ray(TrainConfig.from_flat(fused_kernels="liger", use_gpu=False))  # got past the driver somehow
+        _with_kernels(_worker_from_ray(liger), liger)
     assert deterministic_message(err.value).startswith("fused_kernels=liger on a worker without CUDA (cpu)")
 
 
