@@ -1,14 +1,13 @@
 """What a user types: did-you-mean, every problem at once, paths resolved on the driver, what `eval`
 reads and with which settings, refused resumes, the console's tables and plain failure sentences.
 
-The slow test at the end runs the README's own `eval` and `export` lines on a demo run.
+The README's own `eval` and `export` lines run on a QLoRA run in tests/test_train.py (`_readme_lines` finds them).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shlex
 import shutil
 from pathlib import Path
 
@@ -147,39 +146,6 @@ def _readme_lines(command: str) -> list[str]:
     """Lines of the README's code blocks that start with `phi3v-ray <command>` (comments stripped)."""
     return [line.split("  #")[0].strip() for line in README.read_text().splitlines()
             if re.match(rf"phi3v-ray {command}\b", line.strip())]
-
-
-@pytest.mark.slow
-def test_the_readmes_eval_and_export_lines_work_on_the_demo_run(ray_local, tmp_path, monkeypatch, capfd, tiny_ckpt,
-                                                                demo_data):
-    """The demo preset (shortened, on the session's small demo data), then the README's demo `eval` and
-    `export` lines exactly as written, from the same working directory: relative paths, the stored
-    settings, the run's own val_file."""
-    monkeypatch.chdir(tmp_path)
-    shutil.copytree(demo_data, tmp_path / "data")
-    assert main(["train", "--config", "demo", f"checkpoint={tiny_ckpt}", "train_file=data/train.jsonl",
-                 "val_file=data/test.jsonl", "images_root=data/images", "max_steps=2", "eval_before=false"]) == 0
-    out = capfd.readouterr().out
-    assert "[phi3v-ray] summary of phi3v-demo" in out and "mode=frozen_vision trainable" in out  # rank 0's line, via the queue
-    assert "Reporting training result" not in out
-    after = json.loads((tmp_path / "runs/phi3v-demo/artifacts/eval/after.json").read_text())
-
-    evals = [line for line in _readme_lines("eval") if "runs/phi3v-demo" in line]
-    exports = [line for line in _readme_lines("export") if "runs/phi3v-demo" in line]
-    assert evals and exports, "the README shows how to evaluate and export the demo run"
-    assert main(shlex.split(evals[0])[1:]) == 0
-    evaluated = json.loads((tmp_path / "runs/phi3v-demo-eval/artifacts/eval/eval.json").read_text())
-    assert evaluated["step"] == 2 and evaluated["scores"] == after["scores"]  # the trained weights, same settings
-    assert [p["prediction"] for p in evaluated["predictions"]] == [p["prediction"] for p in after["predictions"]]
-    assert {p["task"] for p in evaluated["predictions"]} == {"colour", "bigger", "fade", "digit"}
-    assert any(k.startswith("val/colour/") for k in evaluated["scores"])  # per-task scores need the task on every row
-    assert main(["eval", "checkpoint=runs/phi3v-demo", "val_file=data/nonexistent.jsonl"]) == 2  # before any worker
-    assert main(shlex.split(exports[0])[1:]) == 0
-    out_dir = tmp_path / shlex.split(exports[0])[shlex.split(exports[0]).index("--out") + 1]
-    assert (out_dir / "config.json").is_file() and list(out_dir.glob("*.safetensors"))
-
-    assert main(["train", "mode=lora", "max_steps=2"]) == 2  # same name, other mode: refused, with the way out
-    assert "name=phi3v-demo-lora" in capfd.readouterr().err
 
 
 def test_native_stderr_goes_to_the_run_log_and_comes_back(tmp_path, capfd, monkeypatch):
