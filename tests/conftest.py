@@ -1,8 +1,9 @@
-"""Shared fixtures: a tiny checkpoint, the demo data, and one local Ray instance for the session."""
+"""Shared fixtures: a tiny checkpoint, the demo data, one local Ray instance and one S3 server for the session."""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -40,3 +41,32 @@ def ray_local():
         ray.init(address="local", num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3 server (moto) in its own process, with the bucket the tests use; AWS_ENDPOINT_URL points at it."""
+    from s3_server import BUCKET, s3_server
+
+    with s3_server() as server:
+        server.client.create_bucket(Bucket=BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def bucket(s3, demo_data, tiny_ckpt, tmp_path_factory):
+    """s3://phi3v/{demo, demo-parquet, models/tiny}: what a user keeps in a bucket."""
+    from s3_server import BUCKET
+
+    from datasets_ray.shards import convert_to_shards
+    from phi3v_ray.storage import upload_dir
+    from phi3v_ray.weights import write_checksums
+
+    ckpt = tmp_path_factory.mktemp("ckpt") / "tiny"
+    shutil.copytree(tiny_ckpt, ckpt)
+    write_checksums(ckpt)
+    upload_dir(ckpt, f"s3://{BUCKET}/models/tiny")
+    upload_dir(demo_data, f"s3://{BUCKET}/demo")
+    convert_to_shards(demo_data, ["train", "val"], f"s3://{BUCKET}/demo-parquet", shard_rows=12)
+    return {"ckpt": f"s3://{BUCKET}/models/tiny", "local_ckpt": ckpt, "demo": f"s3://{BUCKET}/demo",
+            "parquet": f"s3://{BUCKET}/demo-parquet"}

@@ -18,6 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 
+BUCKET = "phi3v"  # the bucket the tests' session server holds (tests/conftest.py: s3, bucket)
+
+
 @dataclass
 class S3Server:
     endpoint: str

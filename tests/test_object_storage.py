@@ -2,7 +2,9 @@
 
 The server runs in its own process (tests/s3_server.py); pyarrow reaches it through AWS_ENDPOINT_URL
 as it reaches a real bucket through the node's credentials. The bucket holds the demo data as
-jsonl + images, the same data as Parquet shards, and a tiny checkpoint with its checksums.
+jsonl + images, the same data as Parquet shards, and a tiny checkpoint with its checksums (the `s3` and
+`bucket` fixtures, tests/conftest.py). A whole training run out of the bucket, on four raylets with no
+shared filesystem, is in tests/test_multinode.py.
 """
 
 from __future__ import annotations
@@ -18,33 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from s3_server import s3_server
-
-BUCKET = "phi3v"
-
-
-@pytest.fixture(scope="session")
-def s3():
-    with s3_server() as server:
-        server.client.create_bucket(Bucket=BUCKET)
-        yield server
-
-
-@pytest.fixture(scope="session")
-def bucket(s3, demo_data, tiny_ckpt, tmp_path_factory):
-    """s3://phi3v/{demo, demo-parquet, models/tiny}: what a user keeps in a bucket."""
-    from datasets_ray.shards import convert_to_shards
-    from phi3v_ray.storage import upload_dir
-    from phi3v_ray.weights import write_checksums
-
-    ckpt = tmp_path_factory.mktemp("ckpt") / "tiny"
-    shutil.copytree(tiny_ckpt, ckpt)
-    write_checksums(ckpt)
-    upload_dir(ckpt, f"s3://{BUCKET}/models/tiny")
-    upload_dir(demo_data, f"s3://{BUCKET}/demo")
-    convert_to_shards(demo_data, ["train", "val"], f"s3://{BUCKET}/demo-parquet", shard_rows=12)
-    return {"ckpt": f"s3://{BUCKET}/models/tiny", "local_ckpt": ckpt, "demo": f"s3://{BUCKET}/demo",
-            "parquet": f"s3://{BUCKET}/demo-parquet"}
+from s3_server import BUCKET, s3_server
 
 
 def _put(s3, key: str, body: bytes | str) -> str:
@@ -440,104 +416,3 @@ def test_export_merges_an_adapter_in_a_bucket_into_its_base_in_the_bucket(s3, bu
     assert any(not torch.equal(merged[k], base[k]) for k in merged if k in base)
     assert (remote / "tokenizer.json").read_bytes() == (tiny_ckpt / "tokenizer.json").read_bytes()
     assert (cache_dir_for(bucket["ckpt"]) / "model.safetensors").is_file()  # the base came from the bucket
-
-
-# ------------------------------------------------------------------------------------ a whole run
-@pytest.fixture
-def bucket_cluster(s3, tmp_path, monkeypatch):
-    """head (CPU 0) + data node + two gpu_pool nodes (as tests/test_multinode.py), each node with its own cache disk."""
-    import tempfile
-
-    import ray
-    import ray._common.utils
-    import ray._private.utils
-    from ray.cluster_utils import Cluster
-    from test_multinode import NODE_OBJECT_STORE, _free_port
-
-    if ray.is_initialized():
-        ray.shutdown()
-    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
-    monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
-    gcs_port = _free_port()
-    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{gcs_port}")
-    temp_dir = tempfile.mkdtemp(prefix="rs3", dir="/tmp")
-    caches = {name: tmp_path / "node-disks" / name for name in ("data", "gpu0", "gpu1")}
-    c = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=0, gcs_server_port=gcs_port, temp_dir=temp_dir, include_dashboard=False,
-        object_store_memory=NODE_OBJECT_STORE, env_vars={"PHI3V_CACHE_DIR": str(tmp_path / "node-disks" / "head")}))
-    try:
-        def node(name, **resources):
-            return c.add_node(num_cpus=2, resources=resources, object_store_memory=NODE_OBJECT_STORE,
-                              env_vars={"PHI3V_CACHE_DIR": str(caches[name])})
-
-        node("data", data_node=4), node("gpu0", gpu_pool=1), node("gpu1", gpu_pool=1)
-        c.wait_for_nodes()
-        yield c, caches
-    finally:
-        c.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@pytest.mark.slow
-def test_train_from_a_bucket_with_no_shared_filesystem(s3, bucket, bucket_cluster, tmp_path):
-    """`phi3v-ray train` (frozen vision, DeepSpeed ZeRO-2 on two workers) with data, images, weights and runs all
-    in the bucket, on four raylets; the driver's
-    working directory stays empty until the datasets are planned and is then deleted, before any worker, actor
-    or read task starts, so nothing can read a driver-local path. (Ray's own connect and MKL's loader need
-    the working directory to exist while the driver starts.)"""
-    from datasets_ray.pipeline import quarantine_report
-    from phi3v_ray.storage import list_names, read_text
-
-    c, caches = bucket_cluster
-    demo = bucket["demo"]
-    lines = s3.client.get_object(Bucket=BUCKET, Key="demo/train.jsonl")["Body"].read().decode().splitlines()
-    lost = json.loads(lines[0])
-    lost = {**lost, "id": "lost", "conversations": [{**t, "images": [f"lost/{i}.png" for i, _ in enumerate(t["images"])]}
-                                                    for t in lost["conversations"]]}
-    train = _put(s3, "mn/train.jsonl", "\n".join(lines + [json.dumps(lost)]) + "\n")  # 32 good records + 1 gone
-    runs = f"s3://{BUCKET}/runs"
-    overrides = [
-        "name=bucket-run", f"storage_path={runs}", f"checkpoint={bucket['ckpt']}", f"train_file={train}",
-        f"images_root={demo}/images", f"val_file={bucket['parquet']}/val", "on_bad_record=skip",
-        "num_crops=1", "precision=fp32", "attention=sdpa", "mode=frozen_vision", "micro_batch=2",
-        "grad_accum=1", "num_workers=2", "max_steps=2", "warmup_steps=1", "eval_before=false", "max_failures=0",
-        "eval_max_samples=4", "max_new_tokens=4", "use_gpu=false", "worker_resource=gpu_pool",
-        "data_node_resource=data_node", "cpus_per_worker=1.0", "preprocess_cpus=0.5", "preprocess_actors=1",
-    ]
-    driver_dir = tmp_path / "driver"
-    driver_dir.mkdir()
-    cli = Path(sys.executable).parent / "phi3v-ray"
-    env = dict(os.environ, PHI3V_CACHE_DIR=str(tmp_path / "driver-cache"), PYTHONPATH=str(Path(__file__).parents[1]))
-    proc = subprocess.Popen([str(cli), "train", *overrides], cwd=driver_dir, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("[phi3v-ray] run bucket-run "):  # the start line: datasets planned, nothing read or trained yet
-            assert list(driver_dir.iterdir()) == []  # no manifest, quarantine or cache was written here
-            shutil.rmtree(driver_dir)  # from now on a driver-local path would fail, on the driver and everywhere
-            break
-    out = "".join(lines) + proc.communicate(timeout=900)[0]
-    print(out[-6000:])
-    assert proc.returncode == 0, out[-4000:]
-    assert not driver_dir.exists()
-
-    run = f"{runs}/bucket-run"
-    keys = [k["Key"] for k in s3.client.list_objects_v2(Bucket=BUCKET, Prefix="runs/bucket-run/")["Contents"]]
-    state = sorted(k for k in keys if k.startswith("runs/bucket-run/checkpoint_") and k.endswith("train_state.json"))
-    assert state and json.loads(read_text(f"s3://{BUCKET}/{state[-1]}"))["state"]["step"] == 2
-    final = state[-1].rsplit("/", 1)[0]  # frozen vision under ZeRO-2: the whole model and each rank's optimizer shard
-    assert f"{final}/model/model.safetensors" in keys
-    assert sum(k.startswith(f"{final}/deepspeed/") and k.endswith("_optim_states.pt") for k in keys) == 2
-    dropped = {k: v for k, v in quarantine_report(f"{run}/quarantine").items() if v}
-    assert dropped == {"train.decode": 1}  # the record whose images are not in the bucket, named in the quarantine
-    assert {k: v for k, v in json.loads(read_text(f"{run}/artifacts/dropped.json")).items() if v} == dropped
-    assert {"train.manifest.jsonl", "val.manifest.jsonl"} <= set(list_names(f"{run}/data"))
-    assert "runs/bucket-run/artifacts/eval/after.json" in keys  # evaluated on the Parquet val shards
-
-    # One download per node and kind: the checkpoint and its tokenizer on each training node, the tokenizer
-    # alone on the data node (however many preprocessing actors it runs).
-    downloads = {name: sorted(json.loads(line)["kind"] for d in cache.rglob("downloads.log")
-                              for line in d.read_text().splitlines()) for name, cache in caches.items()}
-    assert downloads == {"data": ["processor"], "gpu0": ["full", "processor"], "gpu1": ["full", "processor"]}
-    assert not (tmp_path / "driver-cache").exists()  # the driver never needed the weights

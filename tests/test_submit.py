@@ -252,7 +252,7 @@ def test_tiny_training_runs_as_a_ray_job(tmp_path, tiny_ckpt, demo_data, monkeyp
             f"val_file={demo_data / 'val.jsonl'}", f"images_root={demo_data / 'images'}", f"storage_path={store}",
             "name=jobrun", "max_steps=2", "epochs=1", "num_crops=1", "micro_batch=2", "grad_accum=1", "num_workers=2",
             "eval_before=false", "eval_max_samples=4", "max_new_tokens=2", "precision=fp32", "attention=sdpa",
-            "mode=lora", "lora_rank=4", "lora_alpha=8", "warmup_steps=1", "max_failures=0", "preprocess_actors=1"]
+            "mode=frozen_vision", "warmup_steps=1", "max_failures=0", "preprocess_actors=1"]
 
     t0 = time.monotonic()
     with local_head(token) as address:
@@ -274,7 +274,9 @@ def test_tiny_training_runs_as_a_ray_job(tmp_path, tiny_ckpt, demo_data, monkeyp
     assert checkpoints, f"no checkpoint in {run}"
     state = json.loads((checkpoints[-1] / "train_state.json").read_text())
     assert state["state"]["step"] == 2
-    assert (checkpoints[-1] / "adapter" / "adapter_model.safetensors").is_file()
+    # Frozen vision trains under DeepSpeed ZeRO-2 by default: the whole model and each rank's optimizer shard.
+    assert (checkpoints[-1] / "model" / "model.safetensors").is_file()
+    assert len(list((checkpoints[-1] / "deepspeed").glob("*zero_pp_rank_*_optim_states.pt"))) == 2
     metrics = [json.loads(line) for line in (run / "artifacts" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert sorted(m["step"] for m in metrics if "loss" in m) == [1, 2]
     assert (run / "artifacts" / "eval" / "after.json").is_file()

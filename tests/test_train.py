@@ -3,7 +3,7 @@ again, and the README's eval and export lines on a run.
 
 Real Ray Train workers (2, gloo), real PEFT and bitsandbytes 4-bit; the tiny checkpoint and the
 generated demo data. Full fine-tuning and frozen vision (DeepSpeed ZeRO-2) train under Ray in
-tests/test_multinode.py and tests/test_object_storage.py.
+tests/test_multinode.py and tests/test_submit.py.
 """
 
 from __future__ import annotations
@@ -151,9 +151,9 @@ def test_a_killed_worker_goes_on_from_its_last_checkpoint_and_a_finished_run_sta
 
 # Each mode trains with two Ray Train workers somewhere in the suite, and each Ray run costs ~40 s of start-up
 # on a 2-core machine, so the modes ride on runs that are there anyway: QLoRA below, LoRA in the recovery test
-# above, full fine-tuning under ZeRO-2 across two nodes in tests/test_multinode.py, frozen vision under ZeRO-2
-# with its run in a bucket in tests/test_object_storage.py. Their numerics (pinned losses, DDP = ZeRO-2) are
-# pinned in tests/test_engine.py.
+# above, full fine-tuning under ZeRO-2 across two nodes out of a bucket in tests/test_multinode.py, frozen vision
+# under ZeRO-2 in the Ray job of tests/test_submit.py. Their numerics (pinned losses, DDP = ZeRO-2) are pinned
+# in tests/test_engine.py.
 def test_a_qlora_run_reports_on_a_cadence_and_the_readmes_eval_and_export_lines_work_on_it(
         ray_local, tmp_path, monkeypatch, capfd, demo_data, tiny_ckpt):
     """One QLoRA run named as the README's demo run, then the README's `eval` and `export` lines exactly as
