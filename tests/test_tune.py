@@ -50,6 +50,9 @@ def _overrides(tmp_path, demo_data, tiny_ckpt, **changes) -> dict:
         "log_every": 1,
         "report_every_s": 0,  # one report per step: ASHA's rung at step 2 sees every trial there
         "preprocess_actors": 1,  # a fixed pool: two trials fit side by side on the 4-CPU test cluster
+        # The demo preset caches the decoded rows before training, for its 4 epochs; a trial of a few steps
+        # streams, decoding its first rows while its worker starts instead of all of them before.
+        "cache_data": False,
         **changes,
     }
 
