@@ -67,6 +67,7 @@ import math
 import os
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +175,33 @@ def configure_data_context(ctx: DataContext | None = None) -> DataContext:
     ctx = ctx or DataContext.get_current()
     ctx.execution_options.preserve_order = True
     return ctx
+
+
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+SHARDS_PER_FOOTER_ACTOR = 64  # a footer is a few KB: one actor's thread pool reads dozens at once
+
+
+@contextmanager
+def footer_readers(shards: Sequence[str]) -> Iterator[int]:
+    """While `read_parquet` is called: one footer-reading actor per 64 shards (at most 32), not 32 always.
+
+    Ray Data's Parquet reader (2.60) reads every shard's footer on a pool of actors, 32 by default, made
+    afresh each time the dataset runs, which for a split evaluated during training is every evaluation on
+    every worker. Each actor needs a CPU to be placed, and training holds most of them: measured on the
+    four-raylet test cluster, an evaluation of 4 records on 2 Parquet shards waited 60-87 s for its
+    footers, and then starts in seconds with one actor. The reader takes the count from the environment
+    when `read_parquet` builds the plan, so it is set just around that call (and a user's own setting
+    wins).
+    """
+    wanted = min(32, max(1, math.ceil(len(shards) / SHARDS_PER_FOOTER_ACTOR)))
+    if FOOTER_ACTORS_ENV in os.environ:
+        yield int(os.environ[FOOTER_ACTORS_ENV])
+        return
+    os.environ[FOOTER_ACTORS_ENV] = str(wanted)
+    try:
+        yield wanted
+    finally:
+        os.environ.pop(FOOTER_ACTORS_ENV, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,10 +529,12 @@ def build_dataset(
     # Enough blocks that several actors get work; one record is at most one preprocessing batch.
     num_blocks = max(1, min(math.ceil(manifest.num_good / data.preprocess_batch_size), 1000))
     if manifest.parquet is not None:
-        ds = ray.data.read_parquet(
-            list(manifest.parquet.shards), columns=list(SHARD_COLUMNS), include_paths=True,
-            num_cpus=READ_NUM_CPUS, ray_remote_args={"resources": resources} if resources else None,
-        )
+        shards = list(manifest.parquet.shards)
+        with footer_readers(shards):
+            ds = ray.data.read_parquet(
+                shards, columns=list(SHARD_COLUMNS), include_paths=True,
+                num_cpus=READ_NUM_CPUS, ray_remote_args={"resources": resources} if resources else None,
+            )
         # A shard reads as one big block; cut it (streaming) into blocks of one preprocessing batch so that
         # every actor gets work and rows leave an actor batch by batch, as with the jsonl manifest.
         ds = ds.repartition(target_num_rows_per_block=data.preprocess_batch_size)

@@ -263,6 +263,34 @@ def test_cache_data_decodes_each_split_once_and_keeps_its_rows(ray_local, pipe_r
 # ------------------------------------------------------------------------------------ resources
 
 
+def test_parquet_footers_are_read_by_one_actor_per_64_shards_not_32(ray_local, demo_data, tmp_path, monkeypatch):
+    """Ray Data's Parquet reader starts 32 footer-reading actors each time a dataset runs, each waiting for a CPU
+    to be placed: `footer_readers` asks for what the shard count needs, in the plan `read_parquet` builds."""
+    import os
+
+    from datasets_ray.pipeline import FOOTER_ACTORS_ENV, footer_readers
+    from datasets_ray.shards import convert_to_shards
+
+    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
+    convert_to_shards(demo_data, ["val"], tmp_path / "pq", shard_rows=4)
+    shards = sorted(str(p) for p in (tmp_path / "pq" / "val").glob("*.parquet"))
+    with footer_readers(shards) as wanted:
+        ds = ray_local.data.read_parquet(shards)
+    assert wanted == 1 and FOOTER_ACTORS_ENV not in os.environ
+    listing = ds._logical_plan.dag.input_dependencies[0]  # Ray Data's ListFiles operator
+    assert type(listing).__name__ == "ListFiles" and listing.file_indexer._num_actors == 1
+    assert len(ds.take_all()) == 8
+
+    counts = []
+    for n in (1, 64, 65, 100_000):
+        with footer_readers(["s"] * n) as wanted:
+            counts.append((wanted, os.environ[FOOTER_ACTORS_ENV]))
+    assert counts == [(1, "1"), (1, "1"), (2, "2"), (32, "32")]
+    monkeypatch.setenv(FOOTER_ACTORS_ENV, "4")  # a user's own setting wins
+    with footer_readers(shards) as wanted:
+        assert wanted == 4 and os.environ[FOOTER_ACTORS_ENV] == "4"
+
+
 def test_streams_through_a_small_object_store(ray_local, pipe_root, tiny_ckpt, tmp_path):
     limit = 12 * 2**20  # just over one 4-frame row (10.8 MB at 1 crop)
     write_jsonl(tmp_path / "train.jsonl", demo_records(pipe_root, 16))
