@@ -191,7 +191,8 @@ def footer_readers(shards: Sequence[str]) -> Iterator[int]:
     four-raylet test cluster, an evaluation of 4 records on 2 Parquet shards waited 60-87 s for its
     footers, and then starts in seconds with one actor. The reader takes the count from the environment
     when `read_parquet` builds the plan, so it is set just around that call (and a user's own setting
-    wins).
+    wins). Its module also reads it once at import as its default: a process whose first Parquet read is
+    this one keeps the smaller pool for later reads too, which only ever come from here.
     """
     wanted = min(32, max(1, math.ceil(len(shards) / SHARDS_PER_FOOTER_ACTOR)))
     if FOOTER_ACTORS_ENV in os.environ:
