@@ -30,7 +30,6 @@ from pathlib import Path
 
 import pytest
 
-
 pytestmark = pytest.mark.slow
 
 NODE_OBJECT_STORE = 300 * 2**20
