@@ -179,6 +179,7 @@ def configure_data_context(ctx: DataContext | None = None) -> DataContext:
 
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 SHARDS_PER_FOOTER_ACTOR = 64  # a footer is a few KB: one actor's thread pool reads dozens at once
+RAY_FOOTER_ACTORS = 32  # Ray Data's own default, and the most we ask for
 
 
 @contextmanager
@@ -194,10 +195,10 @@ def footer_readers(shards: Sequence[str]) -> Iterator[int]:
     wins). Its module also reads it once at import as its default: a process whose first Parquet read is
     this one keeps the smaller pool for later reads too, which only ever come from here.
     """
-    wanted = min(32, max(1, math.ceil(len(shards) / SHARDS_PER_FOOTER_ACTOR)))
     if FOOTER_ACTORS_ENV in os.environ:
         yield int(os.environ[FOOTER_ACTORS_ENV])
         return
+    wanted = min(RAY_FOOTER_ACTORS, max(1, math.ceil(len(shards) / SHARDS_PER_FOOTER_ACTOR)))
     os.environ[FOOTER_ACTORS_ENV] = str(wanted)
     try:
         yield wanted
