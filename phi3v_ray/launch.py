@@ -44,6 +44,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # A run starts its trainers, controller and preprocessing actors at once; on a 2-core machine that
         # is over Ray's per-core startup guess, and the raylet would warn on the console every run.
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(2 * cpus))
+        # Ray Train starts a preemption watcher process per worker group, which watches for nodes being
+        # drained; a private Ray is this one machine, whose loss ends the run anyway.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         try:
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env, **quiet)
         except Exception as err:  # Ray raises a bare Exception; its text is the only way to tell this case

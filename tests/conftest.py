@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every Ray the tests start runs on this one machine: Ray Train's watcher for drained nodes would be one more
+# process per run (as for the private Ray of `phi3v-ray train`, see launch.ensure_ray).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # Logical CPUs for the shared local Ray: more than the machine's 2 cores, so two 1-CPU training
 # workers leave slots for Ray Data tasks (with exactly 2, a Ray Data read waits forever).

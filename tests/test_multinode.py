@@ -11,8 +11,9 @@ Each node has a cache disk of its own (PHI3V_CACHE_DIR), and the nodes share no 
 the driver: the training run reads data, images and weights from the S3 server of tests/conftest.py
 and writes its run there. It is full fine-tuning, so DeepSpeed ZeRO-2 shards its optimizer across
 the two nodes. Which node ran what is read from Ray's state API: the Phi3VPreprocessor actors and
-the manifest's read tasks (`ReadArrowJSON->...`), and the RayTrainWorker actors. Both tests share
-the cluster: each start of four raylets costs ~20 s here.
+the manifest's read tasks (`ReadArrowJSON->...`), and the RayTrainWorker actors. The Tune sweeps here
+(trials by accelerator type, and ASHA on the H100 node) read the node from each trial's reports. The
+tests share the cluster: each start of four raylets costs ~20 s here.
 """
 
 from __future__ import annotations
@@ -191,37 +192,95 @@ def test_a_run_out_of_a_bucket_preprocesses_on_the_cpu_pool_and_trains_on_the_gp
 
 def test_trials_land_on_the_accelerator_they_ask_for_and_impossible_ones_fail_fast(cluster, tmp_path, demo_data,
                                                                                    tiny_ckpt):
+    """A sweep with a trial that asks for a type no node has is refused before any trial starts; without that
+    check, that trial fails by itself with the reason while the others run. The L4 trial here, the H100
+    trials of the ASHA sweep below: each lands on the node of its type."""
     import time
 
     from test_tune import _overrides
 
     from phi3v_ray.launch import ClusterCannotFit
     from tune_spaces.run import run_sweep
-    from tune_spaces.spaces import SweepSpace
-
-    kinds = {cluster.ids["gpu0"]: "H100", cluster.ids["gpu1"]: "L4"}
-
-    def space(accelerators):
-        return SweepSpace(name="pools", preset="demo", mode="lora", metric="loss", metric_mode="min", num_samples=1,
-                          params={"accelerator_type": {"grid": accelerators}, "lr": 1e-3, "lora_rank": 4})
 
     overrides = _overrides(tmp_path, demo_data, tiny_ckpt, max_steps=1)
 
     # The whole sweep refuses at once when one of its trials asks for a type no node has.
     t0 = time.time()
     with pytest.raises(ClusterCannotFit, match="A100") as err:
-        run_sweep(space(["H100", "A100"]), scheduler="none", overrides=overrides, name="refused", verbose=0)
+        run_sweep(_accelerator_space(["H100", "A100"]), scheduler="none", overrides=overrides, name="refused", verbose=0)
     assert time.time() - t0 < 30 and "accelerator_type:H100" in str(err.value)
 
-    # Without the driver's check, that trial fails by itself with the reason; the others run where they asked.
+    # Without the driver's check, that trial fails by itself with the reason; the other runs where it asked.
     t0 = time.time()
-    grid = run_sweep(space(["H100", "L4", "A100"]), scheduler="none", overrides=overrides, name="pools",
+    grid = run_sweep(_accelerator_space(["L4", "A100"]), scheduler="none", overrides=overrides, name="pools",
                      precheck=False, verbose=0)
     print(f"heterogeneous sweep: {time.time() - t0:.0f} s")
     by_type = {r.config["accelerator_type"]: r for r in grid}
     assert "ClusterCannotFit" in str(by_type["A100"].error) and "A100" in str(by_type["A100"].error)
-    for kind in ("H100", "L4"):
-        result = by_type[kind]
-        assert result.error is None and result.metrics["step"] == 1
-        node_id = result.metrics_dataframe["node_id"].dropna().iloc[0]
-        assert kinds.get(node_id) == kind, (kind, node_id, kinds)
+    result = by_type["L4"]
+    assert result.error is None and result.metrics["step"] == 1
+    assert _trial_nodes(cluster, result) == {"gpu1"}
+
+
+def _accelerator_space(accelerators: list[str]):
+    from tune_spaces.spaces import SweepSpace
+
+    return SweepSpace(name="pools", preset="demo", mode="lora", metric="loss", metric_mode="min", num_samples=1,
+                      params={"accelerator_type": {"grid": accelerators}, "lr": 1e-3, "lora_rank": 4})
+
+
+def _trial_nodes(cluster: Nodes, result) -> set[str]:
+    """The nodes (by name) a trial's worker reported from."""
+    names = {v: k for k, v in cluster.ids.items()}
+    return {names.get(n, n) for n in result.metrics_dataframe["node_id"].dropna()}
+
+
+def test_asha_stops_poor_trials_and_writes_a_best_config_ready_to_train(cluster, tmp_path, demo_data, tiny_ckpt):
+    """ASHA stops the poor trial at its rung. Its trials ask for the H100 node: with the L4 trial above, trials of
+    both types land where they asked, without a sweep of their own (a trial is ~40 s of Ray start-up here)."""
+    import csv
+    import time
+
+    from ray.util.placement_group import placement_group_table
+    from test_tune import _overrides
+
+    from phi3v_ray.config import load_config
+    from phi3v_ray.launch import check_cluster_fits, prepare
+    from tune_spaces.run import run_sweep
+    from tune_spaces.spaces import SweepSpace
+
+    # Two trials, one after the other: lr 5e-3 first (grid order), then 1e-6; the rank is sampled. The first
+    # reaches the step-2 rung alone and goes on; the second arrives at the rung with a clearly higher loss
+    # than the first had there, is below the cutoff (their median) and stops at step 2.
+    space = SweepSpace(name="asha", preset="demo", mode="lora", metric="loss", metric_mode="min", num_samples=1,
+                       params={"lr": {"grid": [5e-3, 1e-6]}, "lora_rank": {"choice": [4, 8]}, "lora_alpha_ratio": 2,
+                               "accelerator_type": "H100"},
+                       grace_period=2, reduction_factor=2)
+    t0 = time.time()
+    grid = run_sweep(space, overrides=_overrides(tmp_path, demo_data, tiny_ckpt, max_steps=3), name="asha",
+                     max_concurrent=1, verbose=0)
+    print(f"asha sweep: {time.time() - t0:.0f} s")
+
+    assert len(grid) == 2 and grid.num_errors == 0
+    steps = {r.config["lr"]: r.metrics["step"] for r in grid}
+    assert steps == {5e-3: 3, 1e-6: 2}, steps  # only the poor learning rate is stopped, at the rung
+    assert all(r.metrics["training_iteration"] == r.metrics["step"] for r in grid)  # one report per step
+    assert all(_trial_nodes(cluster, r) == {"gpu0"} for r in grid)  # the H100 node
+    # The stopped trial's worker placement group was released (its controller never got to it).
+    groups = {g for r in grid for g in r.metrics_dataframe["placement_group_id"].dropna()}
+    assert len(groups) == 2 and all(placement_group_table()[g]["state"] == "REMOVED" for g in groups)
+
+    exp = tmp_path / "runs" / "asha"
+    rows = list(csv.DictReader((exp / "results.csv").open()))
+    assert len(rows) == 2 and sorted(r["status"] for r in rows) == ["DONE", "STOPPED"]
+    assert {"lr", "lora_rank", "lora_alpha", "loss", "step"} <= set(rows[0])
+    assert (exp / "sweep.png").stat().st_size > 1000
+
+    # The best config passes every check `phi3v-ray train --config` makes before a worker starts (its files, its
+    # settings, this cluster); training it would be one more ~40 s Ray run of what the trials just did.
+    best = load_config(str(exp / "best_config.yaml"))
+    assert best.lr == 5e-3 and best.lora_alpha == 2 * best.lora_rank and best.name == "asha-best"
+    assert best.accelerator_type == "H100"
+    ready = prepare(best.replace(storage_path=str(tmp_path / "best")))
+    check_cluster_fits(ready)
+    assert (ready.lr, ready.lora_rank, ready.mode, ready.max_steps) == (5e-3, best.lora_rank, "lora", 3)

@@ -188,9 +188,11 @@ def test_a_qlora_run_reports_on_a_cadence_and_the_readmes_eval_and_export_lines_
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the controller cannot import this test module
     monkeypatch.chdir(tmp_path)
     reports = tmp_path / "reports.txt"
+    # As in the demo preset, the rows are decoded once (cache_data): both evaluations, and the README's eval
+    # line, read them from the object store. (Evaluation streaming in the workers: tests/test_multinode.py.)
     cfg = _cfg(tmp_path, demo_data, tiny_ckpt, name="phi3v-demo", mode="qlora", val_file=str(demo_data / "val.jsonl"),
                eval_before=True, max_new_tokens=4, eval_batch=4, lr=5e-3, max_steps=8, checkpoint_every=4,
-               log_every=1, report_every_s=3600)
+               log_every=1, report_every_s=3600, cache_data=True)
     result = run_training(cfg, callbacks=[ReportedSteps(reports)], start_ray=False)
     out = capfd.readouterr().out
     assert "[phi3v-ray] summary of phi3v-demo" in out and "mode=qlora trainable" in out  # rank 0's line, via the queue

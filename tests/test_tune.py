@@ -1,8 +1,8 @@
 """Ray Tune sweeps: search spaces as data, concurrency from cluster resources, and real sweeps.
 
-The slow tests run real Ray Tune + Ray Train trials on the tiny checkpoint and the demo data: ASHA
-stopping poor trials, and a sweep whose driver is SIGKILLed and restored. Trials placed by
-accelerator type on a heterogeneous (simulated) cluster are in tests/test_multinode.py, on its cluster.
+The slow test runs real Ray Tune + Ray Train trials on the tiny checkpoint and the demo data: a sweep whose
+driver is SIGKILLed and restored. ASHA stopping poor trials, and trials placed by accelerator type on a
+heterogeneous (simulated) cluster, are in tests/test_multinode.py, on its cluster.
 """
 
 from __future__ import annotations
@@ -199,47 +199,6 @@ def test_cli_lists_the_spaces(capsys):
 
 
 # ----------------------------------------------------------------------------- real sweeps
-@pytest.mark.slow
-def test_asha_stops_poor_trials_and_writes_a_best_config_ready_to_train(ray_local, tmp_path, demo_data, tiny_ckpt):
-    from ray.util.placement_group import placement_group_table
-
-    from phi3v_ray.launch import check_cluster_fits, prepare
-    from tune_spaces.run import run_sweep
-
-    # Two trials, one after the other: lr 5e-3 first (grid order), then 1e-6; the rank is sampled. The first
-    # reaches the step-2 rung alone and goes on; the second arrives at the rung with a clearly higher loss
-    # than the first had there, is below the cutoff (their median) and stops at step 2.
-    space = SweepSpace(name="asha", preset="demo", mode="lora", metric="loss", metric_mode="min", num_samples=1,
-                       params={"lr": {"grid": [5e-3, 1e-6]}, "lora_rank": {"choice": [4, 8]}, "lora_alpha_ratio": 2},
-                       grace_period=2, reduction_factor=2)
-    t0 = time.time()
-    grid = run_sweep(space, overrides=_overrides(tmp_path, demo_data, tiny_ckpt, max_steps=3), name="asha",
-                     max_concurrent=1, verbose=0)
-    print(f"asha sweep: {time.time() - t0:.0f} s")
-
-    assert len(grid) == 2 and grid.num_errors == 0
-    steps = {r.config["lr"]: r.metrics["step"] for r in grid}
-    assert steps == {5e-3: 3, 1e-6: 2}, steps  # only the poor learning rate is stopped, at the rung
-    assert all(r.metrics["training_iteration"] == r.metrics["step"] for r in grid)  # one report per step
-    # The stopped trial's worker placement group was released (its controller never got to it).
-    groups = {g for r in grid for g in r.metrics_dataframe["placement_group_id"].dropna()}
-    assert len(groups) == 2 and all(placement_group_table()[g]["state"] == "REMOVED" for g in groups)
-
-    exp = tmp_path / "runs" / "asha"
-    rows = list(csv.DictReader((exp / "results.csv").open()))
-    assert len(rows) == 2 and sorted(r["status"] for r in rows) == ["DONE", "STOPPED"]
-    assert {"lr", "lora_rank", "lora_alpha", "loss", "step"} <= set(rows[0])
-    assert (exp / "sweep.png").stat().st_size > 1000
-
-    # The best config passes every check `phi3v-ray train --config` makes before a worker starts (its files, its
-    # settings, this cluster); training it would be one more ~40 s Ray run of what the trials just did.
-    best = load_config(str(exp / "best_config.yaml"))
-    assert best.lr == 5e-3 and best.lora_alpha == 2 * best.lora_rank and best.name == "asha-best"
-    ready = prepare(best.replace(storage_path=str(tmp_path / "best")))
-    check_cluster_fits(ready)
-    assert (ready.lr, ready.lora_rank, ready.mode, ready.max_steps) == (5e-3, best.lora_rank, "lora", 3)
-
-
 def _trial_status(exp_dir: Path) -> dict[str, str]:
     """trial id → status in Tune's latest experiment snapshot (empty while none is written)."""
     states = sorted(glob.glob(str(exp_dir / "experiment_state-*.json")))
@@ -257,10 +216,11 @@ def _trial_status(exp_dir: Path) -> dict[str, str]:
 def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_local, tmp_path, demo_data, tiny_ckpt):
     from tune_spaces.run import run_sweep, trial_events
 
-    # Two trials at once: a 1-step one and a 6-step one. The driver is killed once Tune's snapshot
-    # shows the short one finished, while the long one is still training.
+    # Two trials, one after the other (a 1-step one, then a 2-step one). The driver is killed once Tune's
+    # snapshot shows the first finished and the second created: pending, or starting, which is as far as it
+    # gets in the seconds before the kill (a trial's start takes ~20 s here).
     space = {"name": "resume", "preset": "demo", "mode": "lora", "metric": "loss", "metric_mode": "min",
-             "num_samples": 1, "params": {"max_steps": {"grid": [1, 6]}, "lr": 1e-3, "lora_rank": 4}}
+             "num_samples": 1, "params": {"max_steps": {"grid": [1, 2]}, "lr": 1e-3, "lora_rank": 4}}
     overrides = _overrides(tmp_path, demo_data, tiny_ckpt)
     script = tmp_path / "sweep.py"
     script.write_text(
@@ -268,7 +228,7 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_loc
         "from tune_spaces.run import run_sweep\n"
         "from tune_spaces.spaces import SweepSpace\n"
         "run_sweep(SweepSpace(**json.loads(sys.argv[1])), scheduler='none', overrides=json.loads(sys.argv[2]),\n"
-        "          name='resume', verbose=0)\n"
+        "          name='resume', max_concurrent=1, verbose=0)\n"
     )
     # The driver joins the shared local Ray (this process's environment carries its auth mode);
     # when the driver dies, Ray ends its job's trial actors, trainers and workers.
@@ -278,13 +238,17 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_loc
     with open(tmp_path / "driver.log", "w") as log:
         driver = subprocess.Popen([sys.executable, str(script), json.dumps(space), json.dumps(overrides)],
                                   stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def first_done_second_created(status: dict[str, str]) -> bool:
+        return len(status) == 2 and "TERMINATED" in status.values()
+
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and "TERMINATED" not in _trial_status(exp).values():
+        while time.time() < deadline and not first_done_second_created(_trial_status(exp)):
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             time.sleep(0.5)
         at_kill = _trial_status(exp)
-        os.kill(driver.pid, signal.SIGKILL)  # the sweep's driver dies with one trial finished and one training
+        os.kill(driver.pid, signal.SIGKILL)  # the sweep's driver dies with one trial finished and one not
         driver.wait(timeout=30)
     finally:
         if driver.poll() is None:
@@ -299,9 +263,11 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_loc
 
     assert len(grid) == 2 and grid.num_errors == 0
     assert {r.metrics["trial_id"] for r in grid} == set(at_kill)
-    assert sorted(r.metrics["step"] for r in grid) == [1, 6]
+    assert sorted(r.metrics["step"] for r in grid) == [1, 2]
     train_runs = str(exp / "train_runs")
     starts = {t: sum(e["event"] == "start" for e in trial_events(train_runs, t)) for t in at_kill}
-    assert all(starts[t] == (1 if t in finished else 2) for t in at_kill), starts  # only the unfinished one re-ran
+    # The finished trial did not run again; the other ran to its end after the restore, whether or not its
+    # training had started before the kill.
+    assert all(starts[t] == 1 if t in finished else starts[t] in (1, 2) for t in at_kill), starts
     rows = list(csv.DictReader((exp / "results.csv").open()))
     assert {r["status"] for r in rows} == {"DONE"}
