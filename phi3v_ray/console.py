@@ -47,8 +47,10 @@ def driver_log(run_dir: str) -> Path:
 class Console:
     """Prints rank 0's lines on the driver and sends library logs to a file (a no-op with -v)."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, relay: bool = True):
+        """relay=False: no queue; rank 0's lines stay in its worker's log (for a driver nobody watches)."""
         self.run_dir = run_dir
+        self.relay = relay
         self.queue = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -58,11 +60,12 @@ class Console:
     def __enter__(self) -> "Console":
         if verbose():
             return self
-        from ray.util.queue import Queue
+        if self.relay:
+            from ray.util.queue import Queue
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
-        self._thread = threading.Thread(target=self._print_lines, name="phi3v-console", daemon=True)
-        self._thread.start()
+            self.queue = Queue(actor_options={"num_cpus": 0})
+            self._thread = threading.Thread(target=self._print_lines, name="phi3v-console", daemon=True)
+            self._thread.start()
         self._files_for_library_logs()
         return self
 

@@ -286,8 +286,10 @@ def prepare(cfg: TrainConfig, problems=()) -> TrainConfig:
     return cfg
 
 
-def run_training(cfg: TrainConfig, callbacks=None, start_ray: bool = True, problems=()):
-    """Validate, plan and fit; prints the evaluation before and after. Returns the Ray Train Result."""
+def run_training(cfg: TrainConfig, callbacks=None, start_ray: bool = True, problems=(), relay: bool = True):
+    """Validate, plan and fit; prints the evaluation before and after. Returns the Ray Train Result.
+
+    relay=False: rank 0's lines are not sent to this process to print (see console.Console)."""
     cfg = prepare(cfg, problems)
     if start_ray:
         ensure_ray()
@@ -298,7 +300,7 @@ def run_training(cfg: TrainConfig, callbacks=None, start_ray: bool = True, probl
     # One writer per run directory, from the first file written (the data manifests) to the last.
     lease = RunLease(cfg.run_dir, stale_after_s=cfg.lease_stale_s).acquire()
     try:
-        with Console(cfg.run_dir) as console:
+        with Console(cfg.run_dir, relay=relay) as console:
             datasets, n_train, n_val = build_datasets(cfg)
             plan = plan_run(cfg, n_train, n_val)
             what = f"evaluate {cfg.checkpoint} on {n_val} val records" if cfg.eval_only else \

@@ -239,6 +239,7 @@ def _stop_head(proc: subprocess.Popen, temp_dir: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.own_cluster
 def test_tiny_training_runs_as_a_ray_job(tmp_path, tiny_ckpt, demo_data, monkeypatch):
     import ray
 

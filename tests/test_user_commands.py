@@ -169,6 +169,21 @@ def test_native_stderr_goes_to_the_run_log_and_comes_back(tmp_path, capfd, monke
     assert "shown with -v" in capfd.readouterr().err
 
 
+def test_a_console_that_does_not_relay_starts_no_queue_and_still_files_library_logs(tmp_path, monkeypatch):
+    """Console(relay=False), as a Tune trial's driver uses it: no queue actor, and the libraries' log lines
+    still go to logs/driver.log, not to the console."""
+    import logging
+
+    from phi3v_ray.console import Console
+
+    monkeypatch.delenv("PHI3V_VERBOSE", raising=False)
+    run_dir = tmp_path / "runs" / "trial"
+    with Console(str(run_dir), relay=False) as console:
+        assert console.queue is None
+        logging.getLogger("ray.tune").warning("a library warning")
+    assert "a library warning" in (run_dir / "logs" / "driver.log").read_text()
+
+
 def test_a_local_ray_that_times_out_starting_ends_in_one_line(tmp_path, monkeypatch, capsys):
     """Ray's bare 'node timed out during startup' (an overloaded machine) becomes one sentence, exit 3."""
     import ray

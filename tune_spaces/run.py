@@ -58,7 +58,9 @@ def train_trial(config: dict, sweep: dict) -> None:
     _event(events, "start")
     cfg = resolve_defaults(cfg).validate()
     check_cluster_fits(cfg)  # an accelerator the cluster lacks fails this trial now, with the reason
-    run_training(cfg, callbacks=[TuneReportCallback()], start_ray=False)
+    # A trial's driver is a Tune actor: what it prints goes to Ray's log files, beside rank 0's own lines, so
+    # relaying them to it would only cost one more actor per trial.
+    run_training(cfg, callbacks=[TuneReportCallback()], start_ray=False, relay=False)
     _event(events, "finished")  # never written for a trial ASHA stopped: Tune ends its actor
 
 
